@@ -1,0 +1,35 @@
+"""Plain PyTorch twin of the fused factorization kernels (the oracle the Triton path is tested against).
+
+    q = normalize(dense)        [B, N, D]   row-wise L2, eps
+    k = normalize(sparse_q)     [B, r, D]
+    L = softmax_r(q k^T / T)    [B, N, r]   the localization matrix
+    Z = L @ sparse_v            [B, N, Dv]  each patch a convex mix of the r concept values
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def factorize(
+    dense: Tensor, sparse_q: Tensor, sparse_v: Tensor, temperature: float = 0.06, eps: float = 1e-7
+) -> tuple[Tensor, Tensor]:
+    """Reference factorization.
+
+    Args:
+        dense: Tensor[B, N, D], the projected patch features (not yet normalized).
+        sparse_q: Tensor[B, r, D], the projected sparse tokens (keys, not yet normalized).
+        sparse_v: Tensor[B, r, Dv], the values mixed into Z (STELLAR uses the raw tokens S).
+        temperature: softmax temperature tau_s.
+        eps: the L2 normalization's floor on the norm (as `F.normalize`).
+
+    Returns:
+        Z: Tensor[B, N, Dv] and L: Tensor[B, N, r], both in the inputs' dtype.
+    """
+    q = F.normalize(dense, dim=-1, eps=eps)
+    k = F.normalize(sparse_q, dim=-1, eps=eps)
+    logits = torch.matmul(q, k.transpose(-1, -2)) / temperature
+    L = torch.softmax(logits.float(), dim=-1).to(dense.dtype)
+    Z = torch.matmul(L, sparse_v)
+    return Z, L
