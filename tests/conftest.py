@@ -1,0 +1,22 @@
+"""Test-wide setup.
+
+The Triton kernels are tested on the CPU through Triton's interpreter: `make test` exports
+TRITON_INTERPRET=1, and a bare `pytest` on a machine without CUDA gets the same here (the variable
+must be set before any kernel module is imported, which is why it lives in conftest).
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen(request):
+    """A fresh, seeded generator per test (seeded from the test's name, so failures reproduce)."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
