@@ -1,0 +1,114 @@
+"""Online clustering targets (Sinkhorn-Knopp) and the soft-target cross-entropy.
+
+STELLAR.md section 4: targets are Sinkhorn-Knopp on ``logits / 0.06`` over all rows of the
+batch (and over ranks when distributed), exp with a max-shift, 3 iterations of (divide by
+column sums, divide by row sums), eps 1e-8; the loss is the soft-target cross-entropy
+``-sum_c t_c log softmax(logits / 0.12)_c``, mean over rows. Both run in fp32 with autocast
+off.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["sinkhorn_knopp", "soft_cross_entropy", "ClusteringLoss"]
+
+
+def _check_2d(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a Tensor[M, C], got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temperature: float = 0.06, iterations: int = 3,
+                   eps: float = 1e-8) -> Tensor:
+    """Balanced soft assignments of rows to prototypes.
+
+    logits: Tensor[M, C] (M rows of this rank, C prototypes). Returns targets: Tensor[M, C]
+    float32, each row summing to 1 (the last step is the row normalisation), columns
+    approximately balanced (each about M_total / C). No gradient.
+
+    With ``torch.distributed`` initialized the column sums (and the max used for the shift)
+    are all-reduced, so the M rows of all ranks are balanced together.
+
+    The max-shift is one scalar for the whole (global) matrix: a constant factor cancels
+    exactly in the first column normalisation, so the result equals the unshifted formula.
+    (A per-row shift would not cancel after only 3 iterations.)
+    """
+    _check_2d("logits", logits)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    distributed = _distributed()
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        scores = logits.float() / temperature                      # M x C
+        shift = scores.max()                                       # scalar
+        if distributed:
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        Q = torch.exp(scores - shift)                              # M x C, entries in (0, 1]
+        for _ in range(iterations):
+            col = Q.sum(dim=0, keepdim=True)                       # 1 x C, over all rows
+            if distributed:
+                dist.all_reduce(col)                               # ... of all ranks
+            Q = Q / (col + eps)
+            Q = Q / (Q.sum(dim=1, keepdim=True) + eps)             # M x 1: each row sums to 1
+    return Q
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 0.12) -> Tensor:
+    """Soft-target cross-entropy ``-sum_c t_c log softmax(logits / temperature)_c``, mean over rows.
+
+    logits: Tensor[M, C] (or [..., C]; leading dims are flattened into rows),
+    targets: Tensor[M, C] of the same shape (no gradient flows into them). Returns a
+    float32 scalar.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() < 1:
+        raise ValueError("logits must be a Tensor[M, C]")
+    if not isinstance(targets, Tensor) or targets.shape != logits.shape:
+        got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"targets must have the shape of logits {tuple(logits.shape)}, got {got}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.numel() == 0:
+        raise ValueError("logits must not be empty")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logp = F.log_softmax(logits.float().flatten(0, -2) / temperature, dim=-1)  # M x C
+        t = targets.detach().float().flatten(0, -2)                                 # M x C
+        return -(t * logp).sum(dim=-1).mean()
+
+
+class ClusteringLoss(nn.Module):
+    """Self-targeted clustering loss: soft CE against Sinkhorn-Knopp targets of the same logits.
+
+    forward(logits: Tensor[M, C]) -> (loss scalar, targets Tensor[M, C]); the targets are
+    returned so that other views can be trained against them (mask_loss, cls_loss).
+    """
+
+    def __init__(self, target_temperature: float = 0.06, student_temperature: float = 0.12,
+                 iterations: int = 3, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.target_temperature = target_temperature
+        self.student_temperature = student_temperature
+        self.iterations = iterations
+        self.eps = eps
+
+    def targets(self, logits: Tensor) -> Tensor:
+        return sinkhorn_knopp(logits, self.target_temperature, self.iterations, self.eps)
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.targets(logits)
+        return soft_cross_entropy(logits, t, self.student_temperature), t
+
+    def extra_repr(self) -> str:
+        return (f"target_temperature={self.target_temperature}, "
+                f"student_temperature={self.student_temperature}, iterations={self.iterations}")
