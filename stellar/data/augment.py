@@ -1,0 +1,445 @@
+"""The multi-crop augmentation in plain PyTorch: the reference (and CPU path) of the fused op.
+
+Parameters are drawn separately from their application, so that the same rows can be fed to
+this reference and to the fused C++/CUDA op (`torch.ops.stellar.multicrop`) and compared.
+
+The crop row (`Tensor[K, 12]`, float32, one row per output crop; `COLS` names the columns):
+
+    col  name         meaning
+    0    image_index  which source image of the batch (index into `images`)
+    1    y0           top of the crop window, integer pixels of the source image
+    2    x0           left of the crop window, integer pixels of the source image
+    3    h            window height, integer pixels (>= 1; may reach past the image)
+    4    w            window width, integer pixels (>= 1; may reach past the image)
+    5    flip         1 = horizontal flip of the resized crop, 0 = none
+    6    brightness   factor, 1 = unchanged
+    7    contrast     factor, 1 = unchanged
+    8    saturation   factor, 1 = unchanged
+    9    hue          shift in [-0.5, 0.5] (fraction of the hue circle), 0 = unchanged
+    10   grayscale    1 = convert to 3-channel grayscale, 0 = none
+    11   blur_sigma   Gaussian blur sigma (kernel 9x9), 0 = no blur
+
+`apply_crops` runs, per row and in this fixed order, each with the semantics of the
+same-named `torchvision.transforms.v2.functional` op on float images:
+
+    resized_crop (bilinear, antialias=False, align_corners=False) -> hflip
+    -> adjust_brightness -> adjust_contrast -> adjust_saturation -> adjust_hue
+    -> rgb_to_grayscale(num_output_channels=3) -> gaussian_blur(kernel 9, reflect padding)
+    -> normalize(ImageNet mean/std)   [optional]
+
+Differences from the torchvision chain, all deliberate:
+- Window pixels outside the image read the nearest edge pixel (border replicate) instead of
+  torchvision's zero padding, so a window larger than a small image still yields a crop.
+- torchvision's `ColorJitter` applies brightness/contrast/saturation/hue in a random order
+  per call; the fused op uses the fixed order above so that one row fully describes a crop.
+- torchvision runs `adjust_hue` in float32 whatever the input dtype; here it runs in the
+  working dtype (so float64 is float64 throughout).
+- A step whose row value means "unchanged" (hue 0, grayscale 0, blur_sigma 0) is skipped;
+  brightness / contrast / saturation 1 are exact identities of the blend anyway.
+"""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+COLS = (
+    "image_index",
+    "y0",
+    "x0",
+    "h",
+    "w",
+    "flip",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "grayscale",
+    "blur_sigma",
+)
+NUM_COLS = len(COLS)
+(IMAGE_INDEX, Y0, X0, H, W, FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAYSCALE, BLUR_SIGMA) = range(
+    NUM_COLS
+)
+
+BLUR_KERNEL = 9
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+_TRIES = 10  # RandomResizedCrop tries before the central fallback
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_range(name, value, low_ok=0.0):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not (low_ok <= lo <= hi):
+        raise ValueError(f"{name} must satisfy {low_ok} <= low <= high, got {value!r}")
+    return lo, hi
+
+
+def _uniform(shape, lo, hi, generator, dtype=torch.float64):
+    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+
+
+def sample_windows(heights, widths, scale, ratio, generator):
+    """RandomResizedCrop windows, one per entry, with torchvision's semantics.
+
+    heights, widths: LongTensor[K] source sizes. For each entry up to 10 tries of
+    area ~ U(scale) * H * W and log aspect ~ U(log ratio); the first try that fits inside the
+    image wins, else the central crop clipped to `ratio` (torchvision's fallback).
+    Returns (y0, x0, h, w), each LongTensor[K]; windows always lie inside the image.
+    """
+    K = heights.numel()
+    Hf, Wf = heights.double(), widths.double()
+    area = (Hf * Wf)[:, None]
+    target = area * _uniform((K, _TRIES), scale[0], scale[1], generator)
+    log_r = _uniform((K, _TRIES), math.log(ratio[0]), math.log(ratio[1]), generator)
+    aspect = torch.exp(log_r)
+    w_try = torch.round(torch.sqrt(target * aspect)).long()
+    h_try = torch.round(torch.sqrt(target / aspect)).long()
+    ok = (w_try > 0) & (w_try <= widths[:, None]) & (h_try > 0) & (h_try <= heights[:, None])
+    first = ok.int().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fits)
+    any_ok = ok.any(dim=1)
+    h = h_try.gather(1, first)[:, 0]
+    w = w_try.gather(1, first)[:, 0]
+
+    # Central fallback, clipped to the ratio range.
+    in_ratio = Wf / Hf
+    fb_w = widths.clone()
+    fb_h = heights.clone()
+    narrow = in_ratio < ratio[0]
+    wide = in_ratio > ratio[1]
+    fb_h = torch.where(narrow, torch.round(Wf / ratio[0]).long(), fb_h)
+    fb_w = torch.where(wide, torch.round(Hf * ratio[1]).long(), fb_w)
+    fb_h = fb_h.clamp(1, None).minimum(heights)
+    fb_w = fb_w.clamp(1, None).minimum(widths)
+
+    u_y = torch.rand(K, generator=generator, dtype=torch.float64)
+    u_x = torch.rand(K, generator=generator, dtype=torch.float64)
+    y_rand = torch.floor(u_y * (heights - h + 1).clamp(min=1)).long().minimum((heights - h).clamp(min=0))
+    x_rand = torch.floor(u_x * (widths - w + 1).clamp(min=1)).long().minimum((widths - w).clamp(min=0))
+
+    y0 = torch.where(any_ok, y_rand, (heights - fb_h) // 2)
+    x0 = torch.where(any_ok, x_rand, (widths - fb_w) // 2)
+    h = torch.where(any_ok, h, fb_h)
+    w = torch.where(any_ok, w, fb_w)
+    return y0, x0, h, w
+
+
+def sample_crop_params(
+    sizes: Sequence[Sequence[int]],
+    n_views: int,
+    size: Optional[int] = None,
+    scale: Sequence[float] = (0.36, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: Optional[torch.Generator] = None,
+    color: bool = True,
+    flip_p: float = 0.5,
+    jitter_p: float = 0.8,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.2,
+    hue: float = 0.1,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+) -> torch.Tensor:
+    """Draw `n_views` crop rows per source image (STELLAR.md section 5 probabilities).
+
+    sizes: [(H, W), ...] of the source images. Rows are image-major: row i * n_views + v is
+    view v of image i. `size` (the output side) does not influence the rows (they are in
+    source pixels); it is accepted for the documented signature and checked when given.
+    Every view draws its own values: window (RandomResizedCrop, 10 tries then the central
+    fallback), flip with `flip_p`; when `color`, colour jitter with `jitter_p` (factors
+    uniform in [max(0, 1-x), 1+x], hue shift uniform in [-hue, hue]; 1/1/1/0 when not
+    applied), grayscale with `grayscale_p`, blur with `blur_p` and sigma ~ U(blur_sigma).
+    `color=False` gives rows with identity colour values (the un-augmented `image` view).
+    Deterministic for a seeded `generator`.
+    Returns Tensor[K, 12] float32, K = len(sizes) * n_views (see the module docstring).
+    """
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive int (the output side) or None, got {size!r}")
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 0:
+        raise ValueError(f"n_views must be a non-negative int, got {n_views!r}")
+    scale = _check_range("scale", scale, 0.0)
+    ratio = _check_range("ratio", ratio, 1e-12)
+    blur_sigma = _check_range("blur_sigma", blur_sigma, 1e-12)
+    for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    if not 0.0 <= float(hue) <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+    sizes = [tuple(int(v) for v in s) for s in sizes]
+    for s in sizes:
+        if len(s) != 2 or s[0] < 1 or s[1] < 1:
+            raise ValueError(f"sizes must hold (H, W) pairs of positive ints, got {s!r}")
+
+    K = len(sizes) * n_views
+    rows = torch.zeros(K, NUM_COLS, dtype=torch.float64)
+    rows[:, BRIGHTNESS] = 1.0
+    rows[:, CONTRAST] = 1.0
+    rows[:, SATURATION] = 1.0
+    if K == 0:
+        return rows.float()
+
+    heights = torch.tensor([s[0] for s in sizes], dtype=torch.long).repeat_interleave(n_views)
+    widths = torch.tensor([s[1] for s in sizes], dtype=torch.long).repeat_interleave(n_views)
+    y0, x0, h, w = sample_windows(heights, widths, scale, ratio, generator)
+    rows[:, IMAGE_INDEX] = torch.arange(len(sizes), dtype=torch.float64).repeat_interleave(n_views)
+    rows[:, Y0], rows[:, X0], rows[:, H], rows[:, W] = y0.double(), x0.double(), h.double(), w.double()
+    rows[:, FLIP] = (torch.rand(K, generator=generator, dtype=torch.float64) < flip_p).double()
+
+    if color:
+        jitter = torch.rand(K, generator=generator, dtype=torch.float64) < jitter_p
+        factors = {
+            BRIGHTNESS: _uniform(K, max(0.0, 1 - brightness), 1 + brightness, generator),
+            CONTRAST: _uniform(K, max(0.0, 1 - contrast), 1 + contrast, generator),
+            SATURATION: _uniform(K, max(0.0, 1 - saturation), 1 + saturation, generator),
+        }
+        for col, f in factors.items():
+            rows[:, col] = torch.where(jitter, f, torch.ones_like(f))
+        shift = _uniform(K, -hue, hue, generator)
+        rows[:, HUE] = torch.where(jitter, shift, torch.zeros_like(shift))
+        rows[:, GRAYSCALE] = (torch.rand(K, generator=generator, dtype=torch.float64) < grayscale_p).double()
+        blur = torch.rand(K, generator=generator, dtype=torch.float64) < blur_p
+        sigma = _uniform(K, blur_sigma[0], blur_sigma[1], generator)
+        rows[:, BLUR_SIGMA] = torch.where(blur, sigma, torch.zeros_like(sigma))
+    return rows.float()
+
+
+def sample_multicrop_params(
+    sizes: Sequence[Sequence[int]],
+    generator: Optional[torch.Generator] = None,
+    num_global: int = 8,
+    num_local: int = 8,
+    global_scale: Sequence[float] = (0.36, 1.0),
+    local_scale: Sequence[float] = (0.06, 0.36),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    **color_kwargs,
+) -> dict:
+    """The rows of STELLAR's views for a batch of images (STELLAR.md section 5).
+
+    Returns {"image": Tensor[B, 12], "global": Tensor[B * num_global, 12],
+    "local": Tensor[B * num_local, 12]}: `image` has no colour augmentation; the first global
+    view of each image reuses the `image` window and flip, plus its own colour draw; the
+    other global and all local views draw everything themselves.
+    """
+    image = sample_crop_params(sizes, 1, None, global_scale, ratio, generator, color=False, **color_kwargs)
+    glob = sample_crop_params(sizes, num_global, None, global_scale, ratio, generator, color=True, **color_kwargs)
+    local = sample_crop_params(sizes, num_local, None, local_scale, ratio, generator, color=True, **color_kwargs)
+    if num_global > 0:
+        first = torch.arange(len(sizes)) * num_global
+        glob[first, Y0 : FLIP + 1] = image[:, Y0 : FLIP + 1]
+    return {"image": image, "global": glob, "local": local}
+
+
+# ----------------------------------------------------------------------------------------------
+# Application
+# ----------------------------------------------------------------------------------------------
+
+
+def _source_index(start, length, limit, size, dtype):
+    """Bilinear taps along one axis for K windows (align_corners=False, no antialias).
+
+    start, length: LongTensor[k] window start / extent; limit: the image extent.
+    Returns (i0, i1, lam): LongTensor[k, size] image indices of the two taps (border
+    replicated) and Tensor[k, size] the weight of i1, as PyTorch's upsample_bilinear2d.
+    """
+    scale = length.to(dtype) / size  # [k]
+    dst = torch.arange(size, dtype=dtype)
+    src = ((dst[None, :] + 0.5) * scale[:, None] - 0.5).clamp_min(0.0)  # [k, size]
+    i0 = torch.floor(src).long()
+    lam = src - i0.to(dtype)
+    i1 = torch.minimum(i0 + 1, (length - 1)[:, None])
+    i0 = torch.minimum(i0, (length - 1)[:, None])
+    i0 = (start[:, None] + i0).clamp(0, limit - 1)
+    i1 = (start[:, None] + i1).clamp(0, limit - 1)
+    return i0, i1, lam
+
+
+def _resized_crops(image, rows, size, dtype):
+    """Crop + bilinear resize + flip of one source image for its k rows.
+
+    image: Tensor[3, H, W] float (dtype); rows: Tensor[k, 12]. Returns Tensor[k, 3, size, size].
+    """
+    _, Hs, Ws = image.shape
+    y0, x0 = rows[:, Y0].long(), rows[:, X0].long()
+    h, w = rows[:, H].long(), rows[:, W].long()
+    y_0, y_1, ly = _source_index(y0, h, Hs, size, dtype)
+    x_0, x_1, lx = _source_index(x0, w, Ws, size, dtype)
+    # A horizontal flip of the output reads output column size-1-x: reverse the x taps.
+    flip = rows[:, FLIP] > 0.5
+    x_0 = torch.where(flip[:, None], x_0.flip(-1), x_0)
+    x_1 = torch.where(flip[:, None], x_1.flip(-1), x_1)
+    lx = torch.where(flip[:, None], lx.flip(-1), lx)
+
+    def tap(ys, xs):  # -> [k, 3, size, size]
+        return image[:, ys[:, :, None], xs[:, None, :]].permute(1, 0, 2, 3)
+
+    ly = ly[:, None, :, None]
+    lx = lx[:, None, None, :]
+    top = (1 - lx) * tap(y_0, x_0) + lx * tap(y_0, x_1)
+    bottom = (1 - lx) * tap(y_1, x_0) + lx * tap(y_1, x_1)
+    return (1 - ly) * top + ly * bottom
+
+
+def _gray(x):
+    """x: Tensor[k, 3, h, w] -> Tensor[k, 1, h, w] luma (torchvision rgb_to_grayscale)."""
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(x, y, ratio):
+    """torchvision's _blend for float images: (ratio * x + (1 - ratio) * y).clamp(0, 1)."""
+    return (ratio * x + (1 - ratio) * y).clamp(0.0, 1.0)
+
+
+def _rgb_to_hsv(x):
+    """Tensor[k, 3, h, w] RGB in [0,1] -> HSV with h in [0, 1) (torchvision's formulas)."""
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    crange = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = crange / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, crange)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~is_r & ~is_g
+    h = (bc - gc) * is_r + (2.0 + rc - bc) * is_g + (4.0 + gc - rc) * is_b
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h, s, v):
+    """HSV (each Tensor[k, h, w], h in [0,1)) -> Tensor[k, 3, h, w] (torchvision's formulas)."""
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long().remainder(6)
+    p = ((1.0 - s) * v).clamp(0.0, 1.0)
+    q = ((1.0 - s * f) * v).clamp(0.0, 1.0)
+    t = ((1.0 - s + s * f) * v).clamp(0.0, 1.0)
+    vpqt = torch.stack((v, p, q, t), dim=1)  # [k, 4, h, w]
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=h.device)
+    index = select[:, i].permute(1, 0, 2, 3)  # [k, 3, h, w]: which of v,p,q,t feeds r, g, b
+    return vpqt.gather(1, index)
+
+
+def _adjust_hue(x, shift):
+    """x: Tensor[k, 3, h, w]; shift: Tensor[k] in [-0.5, 0.5]."""
+    h, s, v = _rgb_to_hsv(x)
+    h = torch.remainder(h + shift[:, None, None], 1.0)
+    return _hsv_to_rgb(h, s, v)
+
+
+def _gaussian_blur(x, sigma):
+    """Separable Gaussian blur, kernel 9, reflect padding. x: Tensor[k, 3, h, w]; sigma: Tensor[k] > 0."""
+    half = BLUR_KERNEL // 2
+    d = torch.arange(-half, half + 1, dtype=x.dtype)
+    kernel = torch.softmax(-(d[None, :] ** 2) / (2.0 * sigma[:, None] ** 2), dim=1)  # [k, 9]
+    padded = F.pad(x, (half, half, half, half), mode="reflect")
+    # rows: sum_j kx[j] * padded[..., x + j]; then columns likewise
+    horiz = (padded.unfold(3, BLUR_KERNEL, 1) * kernel[:, None, None, None, :]).sum(-1)
+    return (horiz.unfold(2, BLUR_KERNEL, 1) * kernel[:, None, None, None, :]).sum(-1)
+
+
+def _to_float(image, dtype, name):
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name} must be a Tensor[3, H, W] (uint8 or float in [0, 1]), got {shape}")
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.to(dtype) / 255.0
+    if not image.is_floating_point():
+        raise ValueError(f"{name} must be uint8 or floating point, got {image.dtype}")
+    return image.to(dtype)
+
+
+def apply_crops(
+    images: Union[Sequence[torch.Tensor], torch.Tensor],
+    params: torch.Tensor,
+    size: int,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Cut, resize and colour-augment one crop per row of `params`.
+
+    images: a list of uint8 Tensor[3, H_i, W_i] (or float in [0, 1]), or a Tensor[N, 3, H, W].
+    params: Tensor[K, 12] crop rows (module docstring); image_index selects the source.
+    size: output side. normalize: subtract ImageNet mean, divide by std at the end.
+    dtype: working and output dtype (float32, or float64 for tests).
+    Returns Tensor[K, 3, size, size] of `dtype`.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(params, torch.Tensor) or params.dim() != 2 or params.shape[1] != NUM_COLS:
+        shape = tuple(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+        raise ValueError(f"params must be a float Tensor[K, {NUM_COLS}] of crop rows, got {shape}")
+    if not params.is_floating_point():
+        raise ValueError(f"params must be floating point, got {params.dtype}")
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be a list of Tensor[3, H, W] or a Tensor[N, 3, H, W], got {tuple(images.shape)}")
+        images = list(images.unbind(0))
+    images = list(images)
+    params = params.detach().cpu().to(torch.float64)
+    K = params.shape[0]
+    out = torch.empty(K, 3, size, size, dtype=dtype)
+    if K == 0:
+        return out
+    index = params[:, IMAGE_INDEX].long()
+    if index.min() < 0 or index.max() >= len(images):
+        raise ValueError(f"params image_index must lie in [0, {len(images)}), got {index.min()}..{index.max()}")
+    if (params[:, H] < 1).any() or (params[:, W] < 1).any():
+        raise ValueError("params h and w (columns 3, 4) must be >= 1")
+    if (params[:, HUE].abs() > 0.5).any():
+        raise ValueError("params hue (column 9) must lie in [-0.5, 0.5]")
+    if (params[:, BLUR_SIGMA] < 0).any() or (params[:, BRIGHTNESS:SATURATION + 1] < 0).any():
+        raise ValueError("params brightness/contrast/saturation and blur_sigma must be >= 0")
+
+    # 1. crop + resize (+ flip, as reversed x taps), one source image at a time
+    for i in index.unique().tolist():
+        sel = (index == i).nonzero()[:, 0]
+        image = _to_float(images[i], dtype, f"images[{i}]")
+        out[sel] = _resized_crops(image, params[sel], size, dtype)
+
+    p = params.to(dtype)
+    view = lambda col: p[:, col][:, None, None, None]  # noqa: E731  per-row scalar, broadcastable
+    # 2. brightness, contrast (blend with the mean luma of the crop), saturation
+    x = (out * view(BRIGHTNESS)).clamp(0.0, 1.0)
+    x = _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), view(CONTRAST))
+    x = _blend(x, _gray(x), view(SATURATION))
+    # 3. hue, only on rows that shift it (the HSV round trip is not an exact identity)
+    rows = (p[:, HUE] != 0).nonzero()[:, 0]
+    if rows.numel():
+        x[rows] = _adjust_hue(x[rows], p[rows, HUE])
+    # 4. grayscale, 3 channels
+    rows = (p[:, GRAYSCALE] > 0.5).nonzero()[:, 0]
+    if rows.numel():
+        x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
+    # 5. Gaussian blur
+    rows = (p[:, BLUR_SIGMA] > 0).nonzero()[:, 0]
+    if rows.numel():
+        if size <= BLUR_KERNEL // 2:
+            raise ValueError(f"size must be > {BLUR_KERNEL // 2} for the reflect-padded blur, got {size}")
+        x[rows] = _gaussian_blur(x[rows], p[rows, BLUR_SIGMA])
+    # 6. normalize
+    if normalize:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype)[None, :, None, None]
+        std = torch.tensor(IMAGENET_STD, dtype=dtype)[None, :, None, None]
+        x = (x - mean) / std
+    return x
