@@ -1,0 +1,294 @@
+"""The STELLAR model: encoder + sparse tokens, factorization, decoder, clustering heads, objective.
+
+Public API (docs/design.md):
+    encode(images[B,3,H,W] in [0,1]) -> {"cls" [B,1,D], "dense" [B,N,D], "sparse" [B,r,D],
+                                          "L" [B,N,r], "Z" [B,N,D]}
+    decode(Z[B,N,D]) -> pixels [B,3,H,W] (pixel head) or code logits [B,N,vocab] (token head)
+    forward(batch) -> {"loss": total, "losses": {name: detached scalar}, "features": {...}}
+
+The objective (STELLAR.md sections 3-6), per batch of B images:
+    full image     recon (pixels MSE or VQ-token CE), clustering_loss (sparse head vs its own
+                   Sinkhorn-Knopp targets), cls_clustering_loss (CLS head, same), KoLeo
+    G masked views mask_loss: sparse head on each view's tokens vs the full image's targets
+                   re-ordered by the OT match; cls_loss: CLS head vs the full image's CLS
+                   targets; KoLeo on the views' tokens
+    Lc local views cls_loss += CLS head vs the full image's CLS targets
+    total = w_rec*recon + clustering_loss + cls_clustering_loss + mask_loss + cls_loss + w_koleo*koleo
+with ``koleo = koleo(full) + koleo(masked views)`` (each a mean over its images, as the public
+code). With the optional EMA teacher the targets come from a momentum copy of the encoder and
+heads applied to the second global view (the public code's choice), matched by OT.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stellar.losses.clustering import sinkhorn_knopp, soft_cross_entropy
+from stellar.losses.koleo import koleo_loss
+from stellar.losses.matching import match_tokens
+from stellar.losses.reconstruction import pixel_loss, token_loss
+from stellar.model.decoder import HEADS, Decoder
+from stellar.model.encoder import SparseTokenEncoder
+from stellar.model.heads import ClusteringHead
+from stellar.model.masking import sample_keep_indices
+from stellar.nn.factorization import SpatialSemanticFactorization
+from stellar.nn.vit import VisionTransformer, vit_preset
+
+__all__ = ["Stellar", "DEFAULT_CONFIG", "resolve_config", "LOSS_NAMES"]
+
+LOSS_NAMES = ("recon", "clustering_loss", "cls_clustering_loss", "mask_loss", "cls_loss", "koleo")
+
+# The `model:` config section (the paper's ViT-B/16 recipe). `null` for the ViT shape keys means
+# "the preset's value"; `loss.w_rec: null` means 10 for the pixel head and 0.05 for the token head.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "arch": "base",
+    "img_size": None,
+    "patch_size": None,
+    "dim": None,
+    "depth": None,
+    "heads": None,
+    "mlp_ratio": 4.0,
+    "ln_eps": 1e-6,
+    "qkv_bias": True,
+    "num_tokens": 16,
+    "temperature": 0.06,
+    "decoder": {"dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048, "head": "pixels", "vocab": 1024,
+                "tokenizer": None},
+    "clustering": {"hidden": 2048, "bottleneck": 256, "prototypes": 16384, "sk_temperature": 0.06,
+                   "sk_iterations": 3, "ce_temperature": 0.12},
+    "masking": {"keep_ratio": 0.2, "focal": "gaussian", "focal_prob": 0.5},
+    "loss": {"w_rec": None, "w_koleo": 0.1, "ot_epsilon": 0.1, "ot_iterations": 5},
+    "ema": {"enabled": False, "momentum": 0.996},
+}
+_SECTIONS = ("decoder", "clustering", "masking", "loss", "ema")
+
+
+def resolve_config(cfg: dict | None = None) -> dict[str, Any]:
+    """Merge ``cfg`` over DEFAULT_CONFIG and fill the ViT shape from the arch preset.
+
+    Unknown keys (at either level) raise a ValueError naming them.
+    """
+    cfg = {} if cfg is None else dict(cfg)
+    unknown = [k for k in cfg if k not in DEFAULT_CONFIG]
+    out = copy.deepcopy(DEFAULT_CONFIG)
+    for section in _SECTIONS:
+        sub = cfg.pop(section, None) or {}
+        if not isinstance(sub, dict):
+            raise ValueError(f"model.{section} must be a mapping, got {type(sub).__name__}")
+        unknown += [f"{section}.{k}" for k in sub if k not in DEFAULT_CONFIG[section]]
+        out[section].update({k: v for k, v in sub.items() if k in DEFAULT_CONFIG[section]})
+    if unknown:
+        raise ValueError(f"unknown model config keys: {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    out.update({k: v for k, v in cfg.items() if k in DEFAULT_CONFIG})
+    preset = vit_preset(out["arch"])
+    for key, value in preset.items():
+        if out[key] is None:
+            out[key] = value
+    if out["decoder"]["head"] not in HEADS:
+        raise ValueError(f"model.decoder.head must be one of {HEADS}, got {out['decoder']['head']!r}")
+    if out["masking"]["focal"] in ("none", "None"):
+        out["masking"]["focal"] = None
+    if out["loss"]["w_rec"] is None:
+        out["loss"]["w_rec"] = 10.0 if out["decoder"]["head"] == "pixels" else 0.05
+    if out["num_tokens"] < 2:
+        raise ValueError(f"model.num_tokens must be >= 2 (KoLeo needs a neighbour), got {out['num_tokens']}")
+    return out
+
+
+class Stellar(nn.Module):
+    """STELLAR: sparse concept tokens S, localization L, Z = L S, decoder and clustering heads.
+
+    Build with ``Stellar(cfg)`` (a `model:` config dict, see DEFAULT_CONFIG) or
+    ``stellar.model.build_model(cfg)``. ``tokenizer``: a module mapping images [B,3,256,256] in
+    [0,1] to code ids [B,h,w] or [B,N], needed by ``forward`` with the token head; it is frozen.
+    """
+
+    def __init__(self, cfg: dict | None = None, tokenizer: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = resolve_config(cfg)
+        vit = VisionTransformer(img_size=cfg["img_size"], patch_size=cfg["patch_size"], dim=cfg["dim"],
+                                depth=cfg["depth"], heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"],
+                                ln_eps=cfg["ln_eps"], qkv_bias=cfg["qkv_bias"])
+        D = cfg["dim"]
+        self.encoder = SparseTokenEncoder(vit, cfg["num_tokens"])
+        self.factorization = SpatialSemanticFactorization(D, temperature=cfg["temperature"])
+        dc = cfg["decoder"]
+        self.decoder = Decoder(D, cfg["patch_size"], dim=dc["dim"], depth=dc["depth"], heads=dc["heads"],
+                               mlp_dim=dc["mlp_dim"], head=dc["head"], vocab=dc["vocab"],
+                               ln_eps=cfg["ln_eps"], qkv_bias=cfg["qkv_bias"])
+        cc = cfg["clustering"]
+        self.clustering_head = ClusteringHead(D, cc["hidden"], cc["bottleneck"], cc["prototypes"])
+        self.cls_head = ClusteringHead(D, cc["hidden"], cc["bottleneck"], cc["prototypes"])
+        if tokenizer is None and dc["head"] == "tokens" and dc["tokenizer"]:
+            from stellar.model.tokenizer import VQGANTokenizer
+            tokenizer = VQGANTokenizer.from_file(dc["tokenizer"])
+        self.tokenizer = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+        self.teacher: nn.ModuleDict | None = None
+        if cfg["ema"]["enabled"]:
+            self.teacher = nn.ModuleDict({
+                "encoder": copy.deepcopy(self.encoder),
+                "clustering_head": copy.deepcopy(self.clustering_head),
+                "cls_head": copy.deepcopy(self.cls_head),
+            }).requires_grad_(False)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.num_tokens
+
+    def set_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Attach a frozen tokenizer (images -> code ids) for the token head's loss."""
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+
+    def encode(self, images: Tensor) -> dict[str, Tensor]:
+        """images: Tensor[B, 3, H, W] in [0, 1] -> dict of
+        cls Tensor[B,1,D], dense Tensor[B,N,D], sparse Tensor[B,r,D], L Tensor[B,N,r], Z Tensor[B,N,D].
+        """
+        cls, dense, sparse = self.encoder(images)
+        Z, L = self.factorization(dense, sparse)
+        return {"cls": cls, "dense": dense, "sparse": sparse, "L": L, "Z": Z}
+
+    def decode(self, Z: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """Z: Tensor[B, N, D] -> pixels Tensor[B, 3, H, W] (pixel head) or logits Tensor[B, N, vocab].
+
+        grid: (h, w) patches, row-major (default: square).
+        """
+        return self.decoder.decode(Z, grid)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """batch: image [B,3,S,S] in [0,1], global_views [B,G,3,S,S], local_views [B,Lc,3,s,s]
+        (G, Lc >= 0; either may be absent). Returns {"loss", "losses", "features"}.
+        """
+        image = _check_images("batch['image']", batch.get("image"), 4)
+        B = image.shape[0]
+        views = batch.get("global_views")
+        local = batch.get("local_views")
+        views = None if views is None else _check_images("batch['global_views']", views, 5, B)
+        local = None if local is None else _check_images("batch['local_views']", local, 5, B)
+        lcfg, ccfg = self.cfg["loss"], self.cfg["clustering"]
+        zero = image.new_zeros((), dtype=torch.float32)
+
+        # Full image: encoder, factorization, reconstruction from Z (projected at rank r).
+        grid = self.encoder.grid(image)
+        cls, dense, sparse = self.encoder(image)
+        dec_in, L = self.factorization(dense, sparse, out_proj=self.decoder.proj)     # B x N x 512
+        recon_out = self.decoder(dec_in, grid)
+        recon = self._recon_loss(recon_out, image, grid)
+        koleo = koleo_loss(sparse)
+
+        # Targets: the full image's own (or the EMA teacher's) Sinkhorn-Knopp assignments.
+        logits = self.clustering_head(sparse)                                          # B x r x C
+        cls_logits = self.cls_head(cls[:, 0])                                          # B x C
+        sk = dict(temperature=ccfg["sk_temperature"], iterations=ccfg["sk_iterations"])
+        ce_t = ccfg["ce_temperature"]
+        r, C = logits.shape[1], logits.shape[2]
+        if self.teacher is None:
+            targets = sinkhorn_knopp(logits.detach().flatten(0, 1), **sk).view(B, r, C)
+            cls_targets = sinkhorn_knopp(cls_logits.detach(), **sk)                    # B x C
+            sparse_tgt = sparse.detach()
+            clustering = soft_cross_entropy(logits, targets, ce_t)
+        else:
+            if self.training:
+                self.update_teacher()
+            targets, cls_targets, sparse_tgt = self._teacher_targets(image, views, **sk)
+            match = match_tokens(sparse, sparse_tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
+            clustering = soft_cross_entropy(logits, _gather_rows(targets, match), ce_t)
+        cls_clustering = soft_cross_entropy(cls_logits, cls_targets, ce_t)
+
+        # Masked global views: only their CLS and sparse tokens are used.
+        mask_loss, cls_loss = zero, zero
+        G = 0 if views is None else views.shape[1]
+        if G:
+            flat = views.flatten(0, 1)                                                 # B*G x 3 x S x S
+            gh, gw = self.encoder.grid(flat)
+            mc = self.cfg["masking"]
+            keep = sample_keep_indices(B * G, gh, gw, mc["keep_ratio"], mc["focal"], mc["focal_prob"],
+                                       device=flat.device)
+            cls_m, _, sparse_m = self.encoder(flat, keep=keep)
+            koleo = koleo + koleo_loss(sparse_m)
+            tgt = sparse_tgt.repeat_interleave(G, dim=0)                               # B*G x r x D
+            match = match_tokens(sparse_m, tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
+            view_targets = _gather_rows(targets.repeat_interleave(G, dim=0), match)    # B*G x r x C
+            mask_loss = soft_cross_entropy(self.clustering_head(sparse_m), view_targets, ce_t)
+            cls_loss = soft_cross_entropy(self.cls_head(cls_m[:, 0]), cls_targets.repeat_interleave(G, 0), ce_t)
+
+        # Local views: CLS only.
+        Lc = 0 if local is None else local.shape[1]
+        if Lc:
+            cls_l, _, _ = self.encoder(local.flatten(0, 1))
+            cls_loss = cls_loss + soft_cross_entropy(self.cls_head(cls_l[:, 0]),
+                                                     cls_targets.repeat_interleave(Lc, 0), ce_t)
+
+        total = (lcfg["w_rec"] * recon + clustering + cls_clustering + mask_loss + cls_loss
+                 + lcfg["w_koleo"] * koleo)
+        losses = dict(zip(LOSS_NAMES, (recon, clustering, cls_clustering, mask_loss, cls_loss, koleo)))
+        features = {"cls": cls, "dense": dense, "sparse": sparse, "L": L,
+                    "peak": L.detach().amax(dim=1), "recon": recon_out}
+        return {"loss": total, "losses": {k: v.detach() for k, v in losses.items()}, "features": features}
+
+    def _recon_loss(self, out: Tensor, image: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.decoder.head_kind == "pixels":
+            return pixel_loss(out, image)
+        if self.tokenizer is None:
+            raise RuntimeError("the token head needs a tokenizer: pass tokenizer= or set "
+                               "model.decoder.tokenizer to the MaskGIT-VQGAN weights file")
+        factor = getattr(self.tokenizer, "downsample_factor", 16)
+        size = (grid[0] * factor, grid[1] * factor)
+        with torch.no_grad():
+            x = image.float()
+            if tuple(x.shape[-2:]) != size:
+                # /14 models: 224 px -> 256 px bicubic so the f16 tokenizer gives N codes.
+                x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+            codes = self.tokenizer(x)
+        return token_loss(out, codes)
+
+    # ------------------------------------------------------------------ EMA teacher
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """teacher <- m * teacher + (1 - m) * student, over encoder and both clustering heads."""
+        if self.teacher is None:
+            return
+        m = self.cfg["ema"]["momentum"]
+        pairs = (("encoder", self.encoder), ("clustering_head", self.clustering_head), ("cls_head", self.cls_head))
+        for name, student in pairs:
+            t_params = list(self.teacher[name].parameters())
+            s_params = [p.detach() for p in student.parameters()]
+            torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+
+    @torch.no_grad()
+    def _teacher_targets(self, image: Tensor, views: Tensor | None, temperature: float,
+                         iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher targets from the second global view (the first, or `image`, when fewer exist)."""
+        if views is None or views.shape[1] == 0:
+            x = image
+        else:
+            x = views[:, min(1, views.shape[1] - 1)]
+        t = self.teacher
+        cls_t, _, sparse_t = t["encoder"](x)
+        logits = t["clustering_head"](sparse_t)                                        # B x r x C
+        B, r, C = logits.shape
+        targets = sinkhorn_knopp(logits.flatten(0, 1), temperature, iterations).view(B, r, C)
+        cls_targets = sinkhorn_knopp(t["cls_head"](cls_t[:, 0]), temperature, iterations)
+        return targets, cls_targets, sparse_t
+
+
+def _gather_rows(targets: Tensor, index: Tensor) -> Tensor:
+    """targets Tensor[B, r, C], index LongTensor[B, r] -> Tensor[B, r, C], row i = targets[b, index[b, i]]."""
+    return torch.gather(targets, 1, index.unsqueeze(-1).expand(-1, -1, targets.shape[-1]))
+
+
+def _check_images(name: str, x: Any, dims: int, batch: int | None = None) -> Tensor:
+    shape = "[B, 3, H, W]" if dims == 4 else "[B, V, 3, H, W]"
+    if not isinstance(x, Tensor) or x.dim() != dims or x.shape[-3] != 3 or not x.is_floating_point():
+        got = (x.dtype, tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating Tensor{shape}, got {got}")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"{name} must hold B={batch} images, got {x.shape[0]}")
+    return x
