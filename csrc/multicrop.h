@@ -1,0 +1,171 @@
+// stellar::multicrop: crop + bilinear resize + colour augmentation + blur + normalize,
+// fused. Declared once here; the schema lives in multicrop.cpp, the bodies in cpu/ and cuda/.
+//
+// Layout of one crop row (float32 [K, 12], docs/design.md "Augmentation"):
+//   0 image_index | 1 y0 | 2 x0 | 3 h | 4 w | 5 flip | 6 brightness | 7 contrast |
+//   8 saturation | 9 hue | 10 grayscale | 11 blur_sigma
+// Each step has the semantics of the torchvision.transforms.v2.functional op of the same
+// name on float images in [0, 1], clamping to [0, 1] where those ops clamp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define STELLAR_HD __host__ __device__ __forceinline__
+#else
+#define STELLAR_HD inline
+#endif
+
+namespace stellar {
+
+constexpr int kCols = 12;
+enum Col : int {
+  kImage = 0, kY0 = 1, kX0 = 2, kH = 3, kW = 4, kFlip = 5, kBrightness = 6, kContrast = 7,
+  kSaturation = 8, kHue = 9, kGray = 10, kSigma = 11,
+};
+constexpr int kBlurTaps = 9;  // Gaussian kernel size
+constexpr int kBlurRadius = kBlurTaps / 2;
+
+// ImageNet statistics (torchvision's normalize constants).
+constexpr float kMean[3] = {0.485f, 0.456f, 0.406f};
+constexpr float kStd[3] = {0.229f, 0.224f, 0.225f};
+
+// Where one source image lives: uint8 [H, W, 3] with arbitrary strides (in elements), so
+// HWC buffers (DALI) and permuted CHW tensors (torchvision decode) are read without a copy.
+struct ImageRef {
+  const uint8_t* data;
+  int64_t height, width;
+  int64_t stride_h, stride_w, stride_c;
+};
+
+STELLAR_HD float clamp01(float v) { return v < 0.f ? 0.f : (v > 1.f ? 1.f : v); }
+
+STELLAR_HD int64_t clamp_index(int64_t i, int64_t n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
+
+// Reflect padding without repeating the edge (torch "reflect"), valid for any n >= 1.
+STELLAR_HD int reflect_index(int i, int n) {
+  if (n == 1) return 0;
+  const int period = 2 * (n - 1);
+  i = i % period;
+  if (i < 0) i += period;
+  return i < n ? i : period - i;
+}
+
+// One output coordinate of a bilinear resize from `in_size` to `out_size`
+// (align_corners=False, no antialias, as torch.nn.functional.interpolate): the two source
+// indices inside the window and the weight of the second. Computed in double so the result
+// does not depend on the window position.
+STELLAR_HD void linear_source(int64_t out_index, int64_t in_size, int64_t out_size,
+                              int64_t* i0, int64_t* i1, float* lambda1) {
+  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  double src = (static_cast<double>(out_index) + 0.5) * scale - 0.5;
+  if (src < 0.0) src = 0.0;
+  int64_t lo = static_cast<int64_t>(src);  // floor: src >= 0
+  if (lo > in_size - 1) lo = in_size - 1;
+  *i0 = lo;
+  *i1 = lo < in_size - 1 ? lo + 1 : lo;
+  double frac = src - static_cast<double>(lo);
+  *lambda1 = static_cast<float>(frac < 0.0 ? 0.0 : (frac > 1.0 ? 1.0 : frac));
+}
+
+STELLAR_HD float gray_of(float r, float g, float b) {
+  return 0.2989f * r + 0.587f * g + 0.114f * b;
+}
+
+// adjust_hue: RGB -> HSV, h += hue (mod 1), HSV -> RGB, as torchvision's float path.
+STELLAR_HD void shift_hue(float* r, float* g, float* b, float hue) {
+  const float R = *r, G = *g, B = *b;
+  const float maxc = fmaxf(R, fmaxf(G, B));
+  const float minc = fminf(R, fminf(G, B));
+  const bool eqc = maxc == minc;
+  const float range = maxc - minc;
+  const float s = range / (eqc ? 1.f : maxc);
+  const float div = eqc ? 1.f : range;
+  const float rc = (maxc - R) / div, gc = (maxc - G) / div, bc = (maxc - B) / div;
+  float h;
+  if (maxc == R) {
+    h = bc - gc;
+  } else if (maxc == G) {
+    h = 2.f + rc - bc;
+  } else {
+    h = 4.f + gc - rc;
+  }
+  h = fmodf(h / 6.f + 1.f, 1.f);
+  h = h + hue;
+  h = h - floorf(h);  // remainder by 1, result in [0, 1]
+  const float v = maxc;
+  const float h6 = h * 6.f;
+  const float fi = floorf(h6);
+  const float f = h6 - fi;
+  int i = static_cast<int>(fi) % 6;
+  if (i < 0) i += 6;
+  const float sf = s * f;
+  const float p = clamp01(v * (1.f - s));
+  const float q = clamp01(v * (1.f - sf));
+  const float t = clamp01(v * (sf + (1.f - s)));
+  switch (i) {
+    case 0: *r = v; *g = t; *b = p; break;
+    case 1: *r = q; *g = v; *b = p; break;
+    case 2: *r = p; *g = v; *b = t; break;
+    case 3: *r = p; *g = q; *b = v; break;
+    case 4: *r = t; *g = p; *b = v; break;
+    default: *r = v; *g = p; *b = q; break;
+  }
+}
+
+// The per-pixel colour steps after the contrast mean is known: contrast, saturation, hue,
+// grayscale. Brightness comes before (it feeds the mean). `rgb` is updated in place.
+struct ColorParams {
+  float brightness, contrast, saturation, hue, mean;
+  bool gray;
+};
+
+STELLAR_HD void color_after_brightness(float* rgb, const ColorParams& c) {
+  float r = rgb[0], g = rgb[1], b = rgb[2];
+  if (c.contrast != 1.f) {
+    const float m = (1.f - c.contrast) * c.mean;
+    r = clamp01(c.contrast * r + m);
+    g = clamp01(c.contrast * g + m);
+    b = clamp01(c.contrast * b + m);
+  }
+  if (c.saturation != 1.f) {
+    const float m = (1.f - c.saturation) * gray_of(r, g, b);
+    r = clamp01(c.saturation * r + m);
+    g = clamp01(c.saturation * g + m);
+    b = clamp01(c.saturation * b + m);
+  }
+  if (c.hue != 0.f) shift_hue(&r, &g, &b, c.hue);
+  if (c.gray) r = g = b = gray_of(r, g, b);
+  rgb[0] = r;
+  rgb[1] = g;
+  rgb[2] = b;
+}
+
+// Normalized 9-tap Gaussian weights for sigma > 0 (torchvision's _get_gaussian_kernel1d).
+STELLAR_HD void gaussian_taps(float sigma, float* taps) {
+  double w[kBlurTaps];
+  double sum = 0.0;
+  for (int i = 0; i < kBlurTaps; ++i) {
+    const double x = static_cast<double>(i - kBlurRadius) / static_cast<double>(sigma);
+    w[i] = exp(-0.5 * x * x);
+    sum += w[i];
+  }
+  for (int i = 0; i < kBlurTaps; ++i) taps[i] = static_cast<float>(w[i] / sum);
+}
+
+// Shared by the CPU and CUDA bodies: checks the arguments (messages name the argument) and
+// returns the output dtype. `check_values` reads the rows (only when they are on the CPU).
+at::ScalarType check_multicrop_args(const std::vector<at::Tensor>& images, const at::Tensor& crops,
+                                    int64_t size, std::optional<at::ScalarType> dtype);
+
+// Host-side view of the images (pointer, size, strides), in list order.
+std::vector<ImageRef> image_refs(const std::vector<at::Tensor>& images);
+
+// Raises unless every row's values are valid for `num_images` images (crops on the CPU).
+void check_crop_values(const at::Tensor& crops_cpu, int64_t num_images);
+
+}  // namespace stellar
