@@ -16,6 +16,11 @@ from torch import Tensor, nn
 __all__ = ["sinkhorn_knopp", "soft_cross_entropy", "ClusteringLoss"]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_2d(name: str, x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -34,8 +39,8 @@ def sinkhorn_knopp(logits: Tensor, temperature: float = 0.06, iterations: int = 
     """Balanced soft assignments of rows to prototypes.
 
     logits: Tensor[M, C] (M rows of this rank, C prototypes). Returns targets: Tensor[M, C]
-    float32, each row summing to 1 (the last step is the row normalisation), columns
-    approximately balanced (each about M_total / C). No gradient.
+    in float32 (float64 for float64 logits), each row summing to 1 (the last step is the row
+    normalisation), columns approximately balanced (each about M_total / C). No gradient.
 
     With ``torch.distributed`` initialized the column sums (and the max used for the shift)
     are all-reduced, so the M rows of all ranks are balanced together.
@@ -51,7 +56,7 @@ def sinkhorn_knopp(logits: Tensor, temperature: float = 0.06, iterations: int = 
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     distributed = _distributed()
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = logits.float() / temperature                      # M x C
+        scores = _upcast(logits) / temperature                      # M x C
         shift = scores.max()                                       # scalar
         if distributed:
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
@@ -70,7 +75,7 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 0.1
 
     logits: Tensor[M, C] (or [..., C]; leading dims are flattened into rows),
     targets: Tensor[M, C] of the same shape (no gradient flows into them). Returns a
-    float32 scalar.
+    float32 scalar (float64 for float64 logits).
     """
     if not isinstance(logits, Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a Tensor[M, C]")
@@ -82,8 +87,8 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 0.1
     if logits.numel() == 0:
         raise ValueError("logits must not be empty")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logp = F.log_softmax(logits.float().flatten(0, -2) / temperature, dim=-1)  # M x C
-        t = targets.detach().float().flatten(0, -2)                                 # M x C
+        logp = F.log_softmax(_upcast(logits).flatten(0, -2) / temperature, dim=-1)  # M x C
+        t = targets.detach().to(logp.dtype).flatten(0, -2)                                 # M x C
         return -(t * logp).sum(dim=-1).mean()
 
 

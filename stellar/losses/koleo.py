@@ -8,12 +8,18 @@ from torch import Tensor, nn
 __all__ = ["koleo_loss", "KoLeoLoss"]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """``-mean log(0.5 * ||x_i - x_nn(i)|| + eps)`` over all tokens of all images.
 
     x: Tensor[B, r, D], r >= 2. Tokens are L2-normalized; each token's nearest neighbour is
     the other token of the same image with the largest dot product (itself excluded).
-    Returns a float32 scalar; gradients flow through both the token and its neighbour.
+    Returns a float32 scalar (float64 for float64 x); gradients flow through both the token
+    and its neighbour.
     """
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
         got = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
@@ -21,7 +27,7 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     if x.shape[1] < 2:
         raise ValueError(f"x must hold r >= 2 tokens per image for a nearest neighbour, got r={x.shape[1]}")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = F.normalize(x.float(), dim=-1, eps=eps)                     # B x r x D
+        x = F.normalize(_upcast(x), dim=-1, eps=eps)                     # B x r x D
         with torch.no_grad():
             dots = x @ x.transpose(1, 2)                                # B x r x r
             dots.diagonal(dim1=1, dim2=2).fill_(-float("inf"))          # exclude self

@@ -14,6 +14,11 @@ from torch import Tensor
 __all__ = ["transport_plan", "match_tokens"]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check(pred: Tensor, target: Tensor) -> None:
     for name, x in (("pred", pred), ("target", target)):
         if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
@@ -30,8 +35,8 @@ def transport_plan(pred: Tensor, target: Tensor, epsilon: float = 0.1,
                    iterations: int = 5) -> Tensor:
     """Entropic OT plan between predicted and target tokens, per image.
 
-    pred: Tensor[B, r, D], target: Tensor[B, r', D]. Returns P: Tensor[B, r, r'] float32 with
-    ``P[b, i, j] = exp((f_i + g_j - C_ij) / epsilon)``, C the Euclidean distances and (f, g)
+    pred: Tensor[B, r, D], target: Tensor[B, r', D]. Returns P: Tensor[B, r, r'] (float32;
+    float64 for float64 inputs) with ``P[b, i, j] = exp((f_i + g_j - C_ij) / epsilon)``, C the Euclidean distances and (f, g)
     the duals after ``iterations`` log-domain Sinkhorn updates (f first, then g) towards the
     uniform marginals 1/r and 1/r'. After the last g update the columns sum exactly to 1/r'.
     """
@@ -41,7 +46,8 @@ def transport_plan(pred: Tensor, target: Tensor, epsilon: float = 0.1,
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        C = torch.cdist(pred.float(), target.float())                  # B x r x r'
+        C = torch.cdist(_upcast(pred), _upcast(target),               # B x r x r'
+                        compute_mode="donot_use_mm_for_euclid_dist")   # exact, r is small
         B, r, rt = C.shape
         log_a = -math.log(r)                                           # uniform row marginal
         log_b = -math.log(rt)                                          # uniform column marginal

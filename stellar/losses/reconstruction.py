@@ -8,18 +8,25 @@ from torch import Tensor
 __all__ = ["pixel_loss", "token_loss"]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error between the reconstruction and the [0, 1] input image.
 
     pred: Tensor[B, 3, H, W] (the pixel head's output), target: Tensor[B, 3, H, W] in [0, 1]
-    (not normalized). Returns a float32 scalar, computed with autocast off.
+    (not normalized). Returns a float32 scalar (float64 for float64 inputs), computed with
+    autocast off.
     """
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or pred.shape != target.shape:
         ps = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
         ts = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"pred and target must have the same shape, got pred {ps} and target {ts}")
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        return F.mse_loss(pred.float(), target.detach().float())
+        pred = _upcast(pred)
+        return F.mse_loss(pred, target.detach().to(pred.dtype))
 
 
 def token_loss(logits: Tensor, codes: Tensor) -> Tensor:
@@ -27,7 +34,7 @@ def token_loss(logits: Tensor, codes: Tensor) -> Tensor:
 
     logits: Tensor[B, N, V], codes: LongTensor[B, N] (or [B, h, w] with h * w = N, as the
     tokenizer returns them) with values in [0, V). Mean over the B * N positions; float32
-    scalar, autocast off.
+    scalar (float64 for float64 logits), autocast off.
     """
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -40,4 +47,4 @@ def token_loss(logits: Tensor, codes: Tensor) -> Tensor:
     if tuple(codes.shape) != (B, N):
         raise ValueError(f"codes must be a Tensor[B, N] = [{B}, {N}] matching logits, got {tuple(codes.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.cross_entropy(logits.float().reshape(B * N, V), codes.reshape(B * N).long())
+        return F.cross_entropy(_upcast(logits).reshape(B * N, V), codes.reshape(B * N).long())
