@@ -1,0 +1,7 @@
+"""`python -m stellar ...` is the `stellar` command."""
+import sys
+
+from stellar.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
