@@ -146,7 +146,7 @@ def test_list_image_folder_labels(tmp_path):
     assert classes == ["c0", "c1"] and sorted(files) == sorted(good + bad)
     assert all(f"/c{lab}/" in f for f, lab in zip(files, labels))
     with pytest.raises(NotADirectoryError, match="root"):
-        list_image_folder(tmp_path, "val")
+        list_image_folder(tmp_path / "missing", "train")
 
 
 def test_build_dali_loader_without_dali_says_how_to_install(monkeypatch, tmp_path):

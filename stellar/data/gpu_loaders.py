@@ -38,25 +38,22 @@ __all__ = ["build_torchvision_loader", "build_dali_loader", "DaliLoader", "Torch
 
 
 def list_image_folder(root, split: str | None = None) -> tuple[list[str], list[int], list[str]]:
-    """(files, labels, classes) of an ImageFolder tree: `root[/split]/<class>/**/<image>`.
+    """(files, labels, classes) of an image folder, as the reference loader reads it.
 
-    Classes are the sorted names of the non-hidden subfolders; files (absolute, sorted per class)
-    are found recursively by extension (`stellar.data.check.IMAGE_EXTENSIONS`).
+    The folder is `root/split` when that exists, else `root` (`stellar.data.loader.resolve_root`;
+    root None is the embedded shapes dataset); classes are its sorted subfolders, or none with
+    every file labelled 0 (`stellar.data.folder.list_images`). Files are absolute paths.
     """
-    folder = Path(root) / split if split else Path(root)
+    from stellar.data.folder import IMAGE_EXTS, list_images
+    from stellar.data.loader import resolve_root
+
+    folder = resolve_root(root, split)
     if not folder.is_dir():
-        raise NotADirectoryError(f"root (with split={split!r}) must be an image folder, got {str(folder)!r}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"root {str(folder)!r} holds no class folders (<class>/<image> expected)")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = [str(p.resolve()) for p in _check.find_images(folder / name)]
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise ValueError(f"root {str(folder)!r} holds no images ({', '.join(_check.IMAGE_EXTENSIONS)})")
-    return files, labels, classes
+        raise NotADirectoryError(f"root must be an image folder, got {str(folder)!r}")
+    paths, labels, classes = list_images(folder, IMAGE_EXTS)
+    if not paths:
+        raise ValueError(f"root {str(folder)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+    return [str(p.resolve()) for p in paths], list(labels), list(classes)
 
 
 def _positive_int(name, value):
@@ -81,6 +78,7 @@ class _FolderLoader:
         num_local: int = 8,
         global_scale=(0.36, 1.0),
         local_scale=(0.06, 0.36),
+        ratio=(3.0 / 4.0, 4.0 / 3.0),
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -100,13 +98,16 @@ class _FolderLoader:
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = _dali.resolve_shard(rank, world_size)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.folder = Path(root) / split if split else Path(root)
+        from stellar.data.loader import resolve_root
+
+        self.folder = resolve_root(root, split)
         self.files, self.labels, self.classes = list_image_folder(root, split)
         self._label_table = torch.tensor(self.labels, dtype=torch.long)
 
         # Bad files known before the first epoch: the lists of `stellar data check`, else a check now.
         lists = [Path(bad_list)] if bad_list is not None else []
-        lists += [_check.default_list_path(self.folder), _check.default_list_path(root)]
+        lists += [_check.default_list_path(self.folder)]
+        lists += [_check.default_list_path(root)] if root is not None else []
         present = [p for p in dict.fromkeys(lists) if p.is_file()]
         if bad_list is not None and not Path(bad_list).is_file():
             raise FileNotFoundError(f"bad_list {str(bad_list)!r} does not exist (write it with `stellar data check DIR`)")
@@ -128,6 +129,7 @@ class _FolderLoader:
             num_local=num_local,
             global_scale=tuple(global_scale),
             local_scale=tuple(local_scale),
+            ratio=tuple(ratio),
         )
         self._multicrop = None  # built on the first batch (the op's extension loads then)
 
@@ -178,10 +180,12 @@ class _FolderLoader:
 
     # -- state -----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` at its first batch on the next iteration."""
+        """Start epoch `epoch` at its first batch on the next iteration; the current epoch keeps
+        its position (so a resumed run may call it), as the reference loader."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self._epoch, self._position = epoch, 0
+        if epoch != self._epoch:
+            self._epoch, self._position = epoch, 0
 
     @property
     def epoch(self) -> int:
@@ -201,12 +205,15 @@ class _FolderLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("epoch", "position"):
-            if key not in state:
-                raise KeyError(f"state must hold {key!r} (a loader's state_dict()), got keys {sorted(state)}")
+        """Restore `state_dict()`; a reference loader's {"epoch", "batch"} is accepted too."""
+        if "epoch" not in state or ("position" not in state and "batch" not in state):
+            raise KeyError(f"state must hold 'epoch' and 'position' (a loader's state_dict()), got keys {sorted(state)}")
+        position = int(state["position"]) if "position" in state else int(state["batch"]) * self.batch_size
+        if int(state["epoch"]) < 0 or position < 0:
+            raise ValueError(f"state must hold a non-negative epoch and position, got {state}")
         index = {f: i for i, f in enumerate(self.files)}
         self._runtime_bad = {index[f] for f in state.get("runtime_bad", ()) if f in index}
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._epoch, self._position = int(state["epoch"]), position
 
     # -- views -------------------------------------------------------------------------------------
     def _make_multicrop(self):
@@ -263,9 +270,15 @@ class DaliLoader(_FolderLoader):
         _dali.require_dali()
         self.prefetch = _positive_int("prefetch", prefetch)
         super().__init__(root, **kw)
-        self._device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be a CUDA device or the CPU for DALI, got {self.device}")
+        self._device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        # DALI decodes JPEG, PNG, WebP, BMP, TIFF, PNM and JPEG 2000, not GIF: those are left out up front.
+        gifs = {i for i in self._good if self.files[i].lower().endswith(".gif")}
+        if gifs:
+            warnings.warn(f"DALI cannot decode GIF: leaving out {len(gifs)} file(s) under {self.folder}", RuntimeWarning, stacklevel=2)
+            self._listed_bad |= gifs
+            self._good = [i for i in self._good if i not in gifs]
         self.rebuilds = 0  # pipelines rebuilt after a decode failure
 
     def _pipeline(self, paths, shard_id, num_shards):
