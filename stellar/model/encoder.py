@@ -32,9 +32,12 @@ class SparseTokenEncoder(nn.Module):
         self.vit = vit
         self.num_tokens = num_tokens
         self.sparse_tokens = nn.Parameter(torch.randn(num_tokens, vit.dim) * vit.dim ** -0.5)
-        # Not persistent: constants, not weights.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Constants, not weights (not persistent); float64 so that a float64 model normalizes
+        # exactly, cast to the images' dtype at use (float32: the public code's constants).
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1),
+                             persistent=False)
 
     @property
     def dim(self) -> int:

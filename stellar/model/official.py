@@ -127,6 +127,24 @@ def convert_official(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[
     return out, unknown
 
 
+def public_names(ours: str) -> list[str]:
+    """The public-layout key(s) our parameter ``ours`` is loaded from (q/k/v for a fused qkv)."""
+    m = re.match(r"^(encoder\.vit\.transformer|decoder\.transformer)\.blocks\.(\d+)\.(.+)\.(weight|bias)$", ours)
+    if m:
+        root, layer, name, leaf = m.groups()
+        part = "encoder" if root.startswith("encoder") else "decoder"
+        base = f"{part}.encoder.layer.{layer}."
+        if name == "attn.qkv":
+            return [f"{base}attention.attention.{p}.{leaf}" for p in ("query", "key", "value")]
+        hf = {v: k for k, v in _BLOCK.items()}.get(name)
+        if hf is not None:
+            return [f"{base}{hf}.{leaf}"]
+    for prefix, mine in _DIRECT.items():
+        if ours.startswith(mine):
+            return [prefix + ours[len(mine):]]
+    return [ours]
+
+
 def _depth(sd: Mapping[str, Tensor], part: str) -> int:
     layers = {int(m.group(2)) for k in sd if (m := _LAYER.match(k)) and m.group(1) == part}
     if not layers:
@@ -151,7 +169,8 @@ def _heads(width: int, given: int | None, what: str) -> int:
     return heads
 
 
-def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None) -> dict[str, Any]:
+def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None,
+                 decoder_heads: int | None = None) -> dict[str, Any]:
     """The `model:` config of a public-layout state dict, read from its tensor shapes."""
     r, D = _need(sd, "sparse_tokens").shape
     patch = _need(sd, "encoder.embeddings.patch_embeddings.projection.weight").shape[-1]
@@ -173,7 +192,7 @@ def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None) -> dict
         "heads": _heads(D, num_heads, "encoder"), "mlp_ratio": mlp / D, "ln_eps": 1e-12,
         "qkv_bias": "encoder.encoder.layer.0.attention.attention.query.bias" in sd,
         "num_tokens": r,
-        "decoder": {"dim": dec_dim, "depth": _depth(sd, "decoder"), "heads": _heads(dec_dim, None, "decoder"),
+        "decoder": {"dim": dec_dim, "depth": _depth(sd, "decoder"), "heads": _heads(dec_dim, decoder_heads, "decoder"),
                     "mlp_dim": dec_mlp, "head": head, "vocab": rec.shape[0] if head == "tokens" else 1024},
         "clustering": {"hidden": hidden, "bottleneck": bottleneck, "prototypes": prototypes},
     }
@@ -202,16 +221,18 @@ def load_official(state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike, 
     Returns the model in eval mode. Raises ValueError listing unknown or missing keys.
     """
     sd = _read(state_dict_or_path)
-    cfg = _merge(infer_config(sd, num_heads), overrides)
+    dec_over = overrides.get("decoder")
+    dec_heads = dec_over.get("heads") if isinstance(dec_over, Mapping) else None
+    cfg = _merge(infer_config(sd, num_heads, dec_heads), overrides)
     model = Stellar(cfg)
     converted, unknown = convert_official(sd)
     own = model.state_dict()
     own_keys = {k for k in own if not k.startswith(("tokenizer.", "teacher."))}
-    missing = sorted(own_keys - set(converted))
+    missing = sorted(n for k in own_keys - set(converted) for n in public_names(k))
     unknown += [k for k in converted if k not in own_keys and not k.startswith("(missing)")]
     if unknown or missing:
         raise ValueError(f"checkpoint does not match the STELLAR public layout: unknown keys "
-                         f"{sorted(unknown)}; missing keys (our names) {missing}")
+                         f"{sorted(unknown)}; missing keys {missing}")
     bad = [k for k, v in converted.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise ValueError("checkpoint shapes do not match the inferred model: " + ", ".join(
