@@ -25,7 +25,8 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
         got = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating Tensor[B, r, D], got {got}")
     if x.shape[1] < 2:
-        raise ValueError(f"x must hold r >= 2 tokens per image for a nearest neighbour, got r={x.shape[1]}")
+        raise ValueError(f"x must hold r >= 2 tokens per image for a nearest neighbour, "
+                         f"got r={x.shape[1]}")
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = F.normalize(_upcast(x), dim=-1, eps=eps)                     # B x r x D
         with torch.no_grad():

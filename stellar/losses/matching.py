@@ -36,9 +36,10 @@ def transport_plan(pred: Tensor, target: Tensor, epsilon: float = 0.1,
     """Entropic OT plan between predicted and target tokens, per image.
 
     pred: Tensor[B, r, D], target: Tensor[B, r', D]. Returns P: Tensor[B, r, r'] (float32;
-    float64 for float64 inputs) with ``P[b, i, j] = exp((f_i + g_j - C_ij) / epsilon)``, C the Euclidean distances and (f, g)
-    the duals after ``iterations`` log-domain Sinkhorn updates (f first, then g) towards the
-    uniform marginals 1/r and 1/r'. After the last g update the columns sum exactly to 1/r'.
+    float64 for float64 inputs) with ``P[b, i, j] = exp((f_i + g_j - C_ij) / epsilon)``, C the
+    Euclidean distances and (f, g) the duals after ``iterations`` log-domain Sinkhorn updates
+    (f first, then g, both from zero) towards the uniform marginals 1/r and 1/r'. After the
+    last g update the columns sum exactly to 1/r'; the rows approximately to 1/r.
     """
     _check(pred, target)
     if epsilon <= 0:

@@ -45,6 +45,7 @@ def token_loss(logits: Tensor, codes: Tensor) -> Tensor:
     B, N, V = logits.shape
     codes = codes.reshape(codes.shape[0], -1) if codes.dim() == 3 else codes
     if tuple(codes.shape) != (B, N):
-        raise ValueError(f"codes must be a Tensor[B, N] = [{B}, {N}] matching logits, got {tuple(codes.shape)}")
+        raise ValueError(f"codes must be a Tensor[B, N] = [{B}, {N}] matching logits, "
+                         f"got {tuple(codes.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return F.cross_entropy(_upcast(logits).reshape(B * N, V), codes.reshape(B * N).long())

@@ -98,9 +98,10 @@ def sample_keep_indices(batch: int, grid_h: int, grid_w: int, keep_ratio: float 
 def gather_patches(x: Tensor, keep: Tensor) -> Tensor:
     """The kept patch tokens: x Tensor[B, N, D], keep LongTensor[B, K] -> Tensor[B, K, D]."""
     if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a Tensor[B, N, D], got {tuple(x.shape) if isinstance(x, Tensor) else x}")
-    if not isinstance(keep, Tensor) or keep.dim() != 2 or keep.shape[0] != x.shape[0] \
-            or keep.dtype != torch.int64:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a Tensor[B, N, D], got {got}")
+    if (not isinstance(keep, Tensor) or keep.dim() != 2 or keep.shape[0] != x.shape[0]
+            or keep.dtype != torch.int64):
         got = (tuple(keep.shape), keep.dtype) if isinstance(keep, Tensor) else type(keep).__name__
         raise ValueError(f"keep must be a LongTensor[B={x.shape[0]}, K], got {got}")
     return torch.gather(x, 1, keep.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[2]))

@@ -92,10 +92,12 @@ class VQGANEncoder(nn.Module):
                  num_res_blocks: int = 2, z_channels: int = 256, in_channels: int = 3) -> None:
         super().__init__()
         if hidden_channels % 32:
-            raise ValueError(f"hidden_channels must be a multiple of 32 (GroupNorm(32)), got {hidden_channels}")
+            raise ValueError(f"hidden_channels must be a multiple of 32 (GroupNorm(32)), "
+                             f"got {hidden_channels}")
         mult = tuple(int(m) for m in channel_mult)
         if not mult or min(mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
+            raise ValueError(f"channel_mult must be a non-empty sequence of positive ints, "
+                             f"got {channel_mult}")
         self.downsample_factor = 2 ** (len(mult) - 1)
         self.conv_in = _conv(in_channels, hidden_channels, 3, bias=False)
         ins = (1,) + mult[:-1]
@@ -199,7 +201,8 @@ class VQGANTokenizer(nn.Module):
             return nearest_code(z, self.quantize.embedding.weight)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor], resize_to: int | None = None) -> "VQGANTokenizer":
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor],
+                        resize_to: int | None = None) -> "VQGANTokenizer":
         """Build from a state dict in the released layout, inferring widths, depth and codebook
         from the tensor shapes. ``decoder.*`` keys are ignored; any other unknown or missing key
         raises a ValueError that lists them."""
@@ -208,7 +211,8 @@ class VQGANTokenizer(nn.Module):
             hidden = sd["encoder.conv_in.weight"].shape[0]
             codes, z_ch = sd["quantize.embedding.weight"].shape
         except KeyError as e:
-            raise ValueError(f"state_dict is not a MaskGIT-VQGAN checkpoint: missing {e.args[0]!r}") from None
+            raise ValueError(f"state_dict is not a MaskGIT-VQGAN checkpoint: "
+                             f"missing {e.args[0]!r}") from None
         mult, i = [], 0
         while f"encoder.down.{i}.block.0.conv1.weight" in sd:
             mult.append(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // hidden)
@@ -251,4 +255,5 @@ class VQGANTokenizer(nn.Module):
         return cls.from_state_dict(sd, resize_to=resize_to)
 
     def extra_repr(self) -> str:
-        return f"codebook_size={self.codebook_size}, downsample={self.downsample_factor}, resize_to={self.resize_to}"
+        return (f"codebook_size={self.codebook_size}, downsample={self.downsample_factor}, "
+                f"resize_to={self.resize_to}")
