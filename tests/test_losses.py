@@ -258,6 +258,17 @@ def test_koleo_low_precision_and_module(gen):
         koleo_loss(torch.randn(2, 1, 5))
 
 
+def test_koleo_coincident_tokens_stay_finite(gen):
+    """Two identical tokens: distance 0, loss -log(1e-8) for them, gradients finite."""
+    x = torch.randn(1, 4, 5, generator=gen, dtype=f64)
+    x[0, 1] = x[0, 0] * 2.0                                     # same direction after normalizing
+    x.requires_grad_(True)
+    loss = koleo_loss(x)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, ref_koleo(x.detach()))
+
+
 # ----------------------------------------------------------------------------- reconstruction
 def test_pixel_loss_matches_formula(gen):
     pred = torch.randn(2, 3, 4, 5, generator=gen, dtype=f64, requires_grad=True)
