@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -30,9 +31,10 @@ enum Col : int {
 constexpr int kBlurTaps = 9;  // Gaussian kernel size
 constexpr int kBlurRadius = kBlurTaps / 2;
 
-// ImageNet statistics (torchvision's normalize constants).
-constexpr float kMean[3] = {0.485f, 0.456f, 0.406f};
-constexpr float kStd[3] = {0.229f, 0.224f, 0.225f};
+// ImageNet statistics (torchvision's normalize constants), as functions so device code can
+// use them without a __constant__ table.
+STELLAR_HD float imagenet_mean(int c) { return c == 0 ? 0.485f : (c == 1 ? 0.456f : 0.406f); }
+STELLAR_HD float imagenet_std(int c) { return c == 0 ? 0.229f : (c == 1 ? 0.224f : 0.225f); }
 
 // Where one source image lives: uint8 [H, W, 3] with arbitrary strides (in elements), so
 // HWC buffers (DALI) and permuted CHW tensors (torchvision decode) are read without a copy.

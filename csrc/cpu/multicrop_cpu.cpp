@@ -144,7 +144,7 @@ void make_crop(const ImageRef& im, const float* row, int64_t S, bool normalize, 
     const float* src = s.buf.data() + c * plane;
     out_t* dst = out + c * plane;
     if (normalize) {
-      const float mean = kMean[c], inv = 1.f / kStd[c];
+      const float mean = imagenet_mean(c), inv = 1.f / imagenet_std(c);
       for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<out_t>((src[i] - mean) * inv);
     } else {
       for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<out_t>(src[i]);
