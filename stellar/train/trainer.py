@@ -124,16 +124,36 @@ def default_loader_fn(cfg: Mapping, rank: int, world_size: int):
 
 
 def endless(loader) -> Iterator[dict]:
-    """Batches across epochs; the loader itself tracks (epoch, batch) for its state_dict."""
+    """Batches across epochs; the loader itself tracks (epoch, batch) for its state_dict.
+
+    The loaders of stellar.data move to the next epoch at the end of a pass; a loader that
+    does not is moved with ``set_epoch``.
+    """
+    tracked = hasattr(loader, "state_dict") and hasattr(loader, "set_epoch")
+    empty = 0
     while True:
+        epoch = loader.state_dict()["epoch"] if tracked else None
         count = 0
         for batch in loader:
             count += 1
             yield batch
-        if count == 0:
+        # One empty pass is a loader resumed at the very end of an epoch; two in a row is an error.
+        empty = empty + 1 if count == 0 else 0
+        if empty == 2:
             raise RuntimeError("the training loader yielded no batch: is the dataset smaller than one batch?")
-        if hasattr(loader, "set_epoch") and hasattr(loader, "state_dict"):
-            loader.set_epoch(loader.state_dict()["epoch"] + 1)
+        if tracked and loader.state_dict()["epoch"] == epoch:
+            loader.set_epoch(epoch + 1)
+
+
+def next_batch(batches: Iterator[dict]) -> dict:
+    """The next batch, drawn without moving the global torch RNG.
+
+    A DataLoader draws its base seed from the global generator whenever an iterator starts
+    (each epoch, and again after a resume): isolating those draws keeps the model's random
+    stream (masking) the same in a resumed run as in an uninterrupted one.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return next(batches)
 
 
 def to_device(batch: Mapping, device: torch.device) -> dict:
@@ -346,7 +366,7 @@ def pretrain(
             t0 = time.perf_counter()
             lr = schedule(step)
             set_lr(optimizer, lr)
-            batch = to_device(next(batches), device)
+            batch = to_device(next_batch(batches), device)
             out = forward_losses(model, batch, amp_dtype)
             values = loss_values(out)
             check_finite(step + 1, values, checkpoint)
