@@ -200,9 +200,10 @@ def test_clustering_heads_loaded(gen):
     for ours, theirs in ((model.clustering_head, "clustering_head"), (model.cls_head, "cls_cluster_head")):
         z = _lin(F.gelu(_lin(x, s, f"{theirs}.predictor.layers.0")), s, f"{theirs}.predictor.layers.2")
         want = F.normalize(z, dim=-1, eps=1e-7) @ s[f"{theirs}.layer.weight"].T
-        got = ours(x)
-        assert got.dtype == torch.float32                  # logits in fp32
-        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours(x), want, rtol=1e-10, atol=1e-10)
+    model32 = _load(sd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model32.clustering_head(x.float()).dtype == torch.float32     # logits in fp32
 
 
 def test_token_head(gen):

@@ -1,6 +1,7 @@
 """The online-clustering head (STELLAR.md section 4): MLP, L2-normalize, prototypes."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,7 +13,8 @@ class ClusteringHead(nn.Module):
 
     ``mlp`` is ``Sequential(Linear, GELU, Linear)`` (the checkpoint's ``predictor.layers.{0,2}``),
     ``prototypes`` a ``Linear(bottleneck, C, bias=False)`` initialised normal std 1 (the
-    checkpoint's ``layer``). forward(x: Tensor[..., D]) -> logits Tensor[..., C] in float32.
+    checkpoint's ``layer``). forward(x: Tensor[..., D]) -> logits Tensor[..., C] in float32
+    (float64 for a float64 model).
     """
 
     def __init__(self, dim: int, hidden: int = 2048, bottleneck: int = 256, prototypes: int = 16384) -> None:
@@ -27,4 +29,5 @@ class ClusteringHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = F.normalize(self.mlp(x), dim=-1, eps=1e-7)
-        return self.prototypes(z).float()
+        logits = self.prototypes(z)
+        return logits if logits.dtype == torch.float64 else logits.float()

@@ -1,0 +1,295 @@
+"""The STELLAR model: config, ViT pieces, encoder/masking, decoder, heads and the training forward.
+Tiny shapes only (CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stellar.losses.clustering import soft_cross_entropy
+from stellar.model import DEFAULT_CONFIG, LOSS_NAMES, build_model, resolve_config
+from stellar.model.masking import sample_keep_indices
+from stellar.nn import RandomFourierPositionEncoding, VisionTransformer
+
+TINY = dict(arch="tiny", img_size=32, patch_size=8, dim=32, depth=1, heads=2, num_tokens=4,
+            decoder=dict(dim=16, depth=1, heads=2, mlp_dim=32),
+            clustering=dict(hidden=16, bottleneck=8, prototypes=12),
+            masking=dict(keep_ratio=0.25))
+
+
+def _batch(gen, B=2, G=2, Lc=2, S=32, s=16):
+    return {"image": torch.rand(B, 3, S, S, generator=gen),
+            "global_views": torch.rand(B, G, 3, S, S, generator=gen),
+            "local_views": torch.rand(B, Lc, 3, s, s, generator=gen),
+            "label": torch.zeros(B, dtype=torch.long)}
+
+
+def _model(gen, **over):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    cfg = {**TINY, **over}
+    return build_model(cfg)
+
+
+# ---------------------------------------------------------------- config
+def test_config_defaults_and_presets():
+    cfg = resolve_config({})
+    assert (cfg["dim"], cfg["depth"], cfg["heads"], cfg["patch_size"], cfg["img_size"]) == (768, 12, 12, 16, 224)
+    assert cfg["loss"]["w_rec"] == 10.0 and cfg["num_tokens"] == 16 and cfg["clustering"]["prototypes"] == 16384
+    huge = resolve_config({"arch": "huge"})
+    assert (huge["dim"], huge["depth"], huge["heads"], huge["patch_size"]) == (1280, 32, 16, 14)
+    assert resolve_config({"arch": "large", "patch_size": 14})["patch_size"] == 14
+    assert resolve_config({"decoder": {"head": "tokens"}})["loss"]["w_rec"] == 0.05
+    assert resolve_config({"masking": {"focal": "none"}})["masking"]["focal"] is None
+    assert set(DEFAULT_CONFIG) >= {"arch", "decoder", "clustering", "masking", "loss", "ema"}
+
+
+@pytest.mark.parametrize("cfg, name", [({"bogus": 1}, "bogus"), ({"decoder": {"widht": 3}}, "decoder.widht"),
+                                       ({"arch": "giant"}, "arch"), ({"decoder": {"head": "rgb"}}, "head")])
+def test_config_errors_name_the_key(cfg, name):
+    with pytest.raises(ValueError, match=name):
+        resolve_config(cfg)
+
+
+# ---------------------------------------------------------------- ViT pieces
+def _vit_twin(vit, x):
+    """Float64 ViT forward written out head by head (separate q/k/v slices of the fused weight)."""
+    B, T, D = x.shape
+    for blk in vit.blocks:
+        h = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        Wq, Wk, Wv = blk.attn.qkv.weight.split(D)
+        bq, bk, bv = blk.attn.qkv.bias.split(D)
+        heads, hd = blk.attn.heads, D // blk.attn.heads
+        out = torch.empty_like(h)
+        for b in range(B):
+            q, k, v = h[b] @ Wq.T + bq, h[b] @ Wk.T + bk, h[b] @ Wv.T + bv
+            for i in range(heads):
+                sl = slice(i * hd, (i + 1) * hd)
+                a = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(hd), dim=-1)
+                out[b, :, sl] = a @ v[:, sl]
+        x = x + out @ blk.attn.proj.weight.T + blk.attn.proj.bias
+        h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        u = h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias
+        x = x + 0.5 * u * (1 + torch.erf(u / math.sqrt(2))) @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+    return F.layer_norm(x, (D,), vit.norm.weight, vit.norm.bias, vit.norm.eps)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 40)])
+def test_vit_matches_float64_twin(gen, size):
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, dim=24, depth=2, heads=3, ln_eps=1e-6).double()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(2, 3, *size, generator=gen, dtype=torch.float64)
+    tokens = vit.embed(x)
+    h, w = size[0] // 8, size[1] // 8
+    assert tokens.shape == (2, 1 + h * w, 24)
+    patches = F.conv2d(x, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=8).flatten(2).transpose(1, 2)
+    pos = vit.pos_embed
+    if (h, w) != (4, 4):
+        grid = F.interpolate(pos[:, 1:].reshape(1, 4, 4, 24).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                             align_corners=False)
+        pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+    want_tokens = torch.cat([vit.cls_token.expand(2, -1, -1), patches], 1) + pos
+    torch.testing.assert_close(tokens, want_tokens, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vit(x), _vit_twin(vit, want_tokens), rtol=1e-10, atol=1e-10)
+    vit.double().zero_grad()
+    (vit(x) * torch.randn(vit(x).shape, generator=gen, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vit.parameters())
+
+
+def test_vit_rejects_bad_images():
+    vit = VisionTransformer(img_size=32, patch_size=8, dim=16, depth=1, heads=2)
+    with pytest.raises(ValueError, match="patch size"):
+        vit(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="images"):
+        vit(torch.rand(1, 1, 32, 32))
+
+
+def test_fourier_position_encoding_formula(gen):
+    pe = RandomFourierPositionEncoding(12, generator=gen).double()
+    Gm = pe.positional_encoding_gaussian_matrix
+    assert Gm.shape == (2, 6)
+    h, w = 3, 5
+    out = pe(h, w)
+    assert out.shape == (h * w, 12)
+    for i in range(h):
+        for j in range(w):
+            x, y = 2 * (j + 0.5) / w - 1, 2 * (i + 0.5) / h - 1
+            for k in range(6):
+                f = 2 * math.pi * (x * Gm[0, k] + y * Gm[1, k])
+                row = i * w + j
+                assert abs(out[row, 2 * k] - math.sin(f)) < 1e-12
+                assert abs(out[row, 2 * k + 1] - math.cos(f)) < 1e-12
+
+
+# ---------------------------------------------------------------- encoder, decoder
+def test_encode_shapes_and_decode(gen):
+    model = _model(gen).eval()
+    images = torch.rand(2, 3, 32, 40, generator=gen)
+    out = model.encode(images)
+    N, r, D = 4 * 5, 4, 32
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "cls": (2, 1, D), "dense": (2, N, D), "sparse": (2, r, D), "L": (2, N, r), "Z": (2, N, D)}
+    torch.testing.assert_close(out["L"].sum(-1), torch.ones(2, N))
+    torch.testing.assert_close(out["Z"], out["L"] @ out["sparse"])
+    assert model.decode(out["Z"], grid=(4, 5)).shape == (2, 3, 32, 40)
+    sq = model.encode(images[..., :32])
+    assert model.decode(sq["Z"]).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="grid"):
+        model.decode(out["Z"])                                   # 20 patches: not square
+
+
+def test_low_rank_decoder_input_equals_projected_Z(gen):
+    model = _model(gen).double()
+    images = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    _, dense, sparse = model.encoder(images)
+    low, L = model.factorization(dense, sparse, out_proj=model.decoder.proj)
+    Z, L2 = model.factorization(dense, sparse)
+    torch.testing.assert_close(L, L2)
+    torch.testing.assert_close(low, model.decoder.proj(Z), rtol=1e-6, atol=1e-6)
+
+
+def test_masked_view_keeps_exactly_the_kept_tokens(gen):
+    model = _model(gen).double()
+    images = torch.rand(3, 3, 32, 32, generator=gen, dtype=torch.float64)
+    keep = sample_keep_indices(3, 4, 4, keep_ratio=0.25, focal="gaussian", generator=gen)
+    assert keep.shape == (3, 4)
+    full = model.encoder.tokens(images)
+    seq = model.encoder.tokens(images, keep)
+    want = torch.cat([full[:, :1], torch.stack([full[b, 1 + keep[b]] for b in range(3)]), full[:, -4:]], 1)
+    torch.testing.assert_close(seq, want, rtol=0, atol=0)
+    cls, dense, sparse = model.encoder(images, keep=keep)
+    out = model.encoder.vit.transformer(want)
+    torch.testing.assert_close(torch.cat([cls, dense, sparse], 1), out)
+    assert dense.shape == (3, 4, 32) and sparse.shape == (3, 4, 32)
+    with pytest.raises(ValueError, match="keep"):
+        model.encoder(images, keep=keep[:2])
+    with pytest.raises(ValueError, match="keep"):
+        model.encoder(images, keep=keep + 16)
+
+
+def test_forward_sequences_per_view_group(gen):
+    """forward(batch) runs the full image (1+N+r tokens), B*G masked views (1+n_keep+r) and
+    B*Lc local views (1+n_local+r) through the encoder blocks."""
+    model = _model(gen)
+    seen = []
+    hook = model.encoder.vit.transformer.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    model(_batch(gen, B=2, G=3, Lc=2))
+    hook.remove()
+    assert seen == [(2, 1 + 16 + 4, 32), (6, 1 + 4 + 4, 32), (4, 1 + 4 + 4, 32)]
+
+
+# ---------------------------------------------------------------- training forward
+def test_every_parameter_gets_a_gradient(gen):
+    model = _model(gen)
+    out = model(_batch(gen, G=2, Lc=2))
+    assert set(out["losses"]) == set(LOSS_NAMES)
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    lacking = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+    assert not lacking, lacking
+
+
+def test_total_is_the_weighted_sum_and_losses_match_formulas(gen):
+    model = _model(gen, loss=dict(w_rec=3.0, w_koleo=0.5))
+    batch = _batch(gen, G=2, Lc=1)
+    out = model(batch)
+    ls = out["losses"]
+    assert all(v.dim() == 0 and not v.requires_grad for v in ls.values())
+    want = 3.0 * ls["recon"] + ls["clustering_loss"] + ls["cls_clustering_loss"] + ls["mask_loss"] \
+        + ls["cls_loss"] + 0.5 * ls["koleo"]
+    torch.testing.assert_close(out["loss"].detach(), want)
+    # The full-image terms from encode, with direct float64 formulas.
+    with torch.no_grad():
+        enc = model.encode(batch["image"])
+        rec = model.decode(enc["Z"])
+        torch.testing.assert_close(ls["recon"].double(), ((rec.double() - batch["image"].double()) ** 2).mean(),
+                                   rtol=1e-5, atol=1e-6)
+        logits = model.clustering_head(enc["sparse"]).double().flatten(0, 1)         # B*r x C
+        Q = torch.exp(logits / 0.06 - (logits / 0.06).max())
+        for _ in range(3):
+            Q = Q / (Q.sum(0, keepdim=True) + 1e-8)
+            Q = Q / (Q.sum(1, keepdim=True) + 1e-8)
+        ce = -(Q * torch.log_softmax(logits / 0.12, -1)).sum(-1).mean()
+        torch.testing.assert_close(ls["clustering_loss"].double(), ce, rtol=1e-4, atol=1e-5)
+
+
+def test_views_optional(gen):
+    model = _model(gen)
+    b = _batch(gen, G=0, Lc=0)
+    out = model(b)
+    assert float(out["losses"]["mask_loss"]) == 0 and float(out["losses"]["cls_loss"]) == 0
+    out = model({"image": b["image"], "local_views": torch.rand(2, 1, 3, 16, 16, generator=gen)})
+    assert float(out["losses"]["mask_loss"]) == 0 and float(out["losses"]["cls_loss"]) > 0
+
+
+def test_forward_rejects_bad_batches(gen):
+    model = _model(gen)
+    b = _batch(gen)
+    with pytest.raises(ValueError, match="image"):
+        model({"global_views": b["global_views"]})
+    with pytest.raises(ValueError, match="global_views"):
+        model({**b, "global_views": b["global_views"][:1]})
+    with pytest.raises(ValueError, match="local_views"):
+        model({**b, "local_views": b["local_views"][:, 0]})
+
+
+def test_token_head_with_tokenizer(gen):
+    from stellar.model.tokenizer import VQGANTokenizer
+    torch.manual_seed(1)
+    tok = VQGANTokenizer(hidden_channels=32, channel_mult=(1, 1), num_res_blocks=1, z_channels=8,
+                         codebook_size=10)                     # f = 2: a 4x4 grid needs 8x8 px
+    model = _model(gen, decoder=dict(dim=16, depth=1, heads=2, mlp_dim=32, head="tokens", vocab=10))
+    with pytest.raises(RuntimeError, match="tokenizer"):
+        model(_batch(gen, G=0, Lc=0))
+    model.set_tokenizer(tok)
+    b = _batch(gen, G=1, Lc=0)
+    out = model(b)
+    with torch.no_grad():
+        logits = model.decode(model.encode(b["image"])["Z"])
+        codes = tok(F.interpolate(b["image"], size=(8, 8), mode="bicubic", align_corners=False))
+    assert logits.shape == (2, 16, 10) and codes.shape == (2, 4, 4)
+    torch.testing.assert_close(out["losses"]["recon"], F.cross_entropy(logits.flatten(0, 1), codes.flatten()),
+                               rtol=1e-5, atol=1e-6)
+    out["loss"].backward()
+    assert model.decoder.head.weight.grad is not None
+    assert all(p.grad is None for p in tok.parameters())
+
+
+def test_ema_teacher(gen):
+    model = _model(gen, ema=dict(enabled=True, momentum=0.9))
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.5)
+    student = list(model.encoder.parameters())
+    out = model(_batch(gen, G=2, Lc=1))                        # train mode: updates the teacher first
+    teacher = list(model.teacher["encoder"].parameters())
+    for t, b, s in zip(teacher, before, student):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s.detach())
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.encoder.sparse_tokens.grad is not None
+    model.eval()
+    snapshot = [p.clone() for p in model.teacher.parameters()]
+    model(_batch(gen, G=2, Lc=0))                              # eval mode: no update
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.teacher.parameters()))
+
+
+def test_cls_loss_from_masked_and_local_views(gen):
+    """cls_loss = CE of the masked views' CLS + CE of the local views' CLS vs the full image's targets."""
+    model = _model(gen, masking=dict(keep_ratio=1.0, focal="none"))   # keep all: deterministic views
+    b = _batch(gen, G=2, Lc=1)
+    out = model(b)
+    with torch.no_grad():
+        from stellar.losses.clustering import sinkhorn_knopp
+        cls = model.encoder(b["image"])[0][:, 0]
+        t = sinkhorn_knopp(model.cls_head(cls), 0.06, 3)
+        cls_m = model.encoder(b["global_views"].flatten(0, 1))[0][:, 0]
+        cls_l = model.encoder(b["local_views"].flatten(0, 1))[0][:, 0]
+        want = soft_cross_entropy(model.cls_head(cls_m), t.repeat_interleave(2, 0), 0.12) \
+            + soft_cross_entropy(model.cls_head(cls_l), t, 0.12)
+    torch.testing.assert_close(out["losses"]["cls_loss"], want, rtol=1e-5, atol=1e-6)
