@@ -24,7 +24,7 @@ def _same_image(a, b):
 
 
 def _loader(root, **kw):
-    kw = {"batch_size": 3, "num_workers": 1, "device": "cpu", "seed": 5, **kw}
+    kw = {"batch_size": 3, "num_workers": 1, "device": "cpu", "seed": 5, "views": "reference", **kw}
     return DaliLoader(root, **kw)
 
 

@@ -33,6 +33,7 @@ import torch
 
 from stellar.data import check as _check
 from stellar.data import dali as _dali
+from stellar.data.loader import stream_seed
 
 __all__ = ["build_torchvision_loader", "build_dali_loader", "DaliLoader", "TorchvisionLoader", "list_image_folder"]
 
@@ -88,6 +89,7 @@ class _FolderLoader:
         device=None,
         check: bool = True,
         bad_list=None,
+        views: str = "op",
     ):
         self.batch_size = _positive_int("batch_size", batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -131,7 +133,11 @@ class _FolderLoader:
             local_scale=tuple(local_scale),
             ratio=tuple(ratio),
         )
-        self._multicrop = None  # built on the first batch (the op's extension loads then)
+        # "op": torch.ops.stellar.multicrop (raises now when stellar._C is not built: no silent
+        # fallback); "reference": its plain PyTorch twin on the CPU (slow, for checks).
+        if views not in ("op", "reference"):
+            raise ValueError(f"views must be 'op' or 'reference', got {views!r}")
+        self._multicrop = self._make_multicrop(views)
 
     # -- bad files ---------------------------------------------------------------------------
     def _check_folder(self) -> set[str]:
@@ -163,7 +169,7 @@ class _FolderLoader:
         good = self._good
         if not self.shuffle:
             return list(good)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        g = torch.Generator().manual_seed(stream_seed(self.seed, epoch, -1))
         return [good[j] for j in torch.randperm(len(good), generator=g).tolist()]
 
     def _own_files(self, epoch: int) -> list[int]:
@@ -171,6 +177,11 @@ class _FolderLoader:
         order = self._epoch_files(epoch)
         start, end = _dali.shard_range(len(order), self.rank, self.world_size)
         return [i for i in order[start:end] if i not in self._runtime_bad]
+
+    def epoch_files(self, epoch: int | None = None) -> list[str]:
+        """This rank's files of `epoch` (default: the current one) in the order they are read,
+        without the bad ones known so far."""
+        return [self.files[i] for i in self._own_files(self._epoch if epoch is None else epoch)]
 
     def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -216,19 +227,17 @@ class _FolderLoader:
         self._epoch, self._position = int(state["epoch"]), position
 
     # -- views -------------------------------------------------------------------------------------
-    def _make_multicrop(self):
+    def _make_multicrop(self, views):
         from stellar.data.multicrop import MultiCrop
 
-        return MultiCrop(**self._views_kw, seed=self.seed, rank=self.rank)
+        return MultiCrop(**self._views_kw, seed=self.seed, rank=self.rank, backend=views)
 
     def _views(self, images: list[torch.Tensor], indices: list[int], epoch: int, batch: int) -> dict:
         """The batch dict for uint8 HWC images (on the device) of the files `indices`."""
-        if self._multicrop is None:
-            self._multicrop = self._make_multicrop()
-        seed = (self.seed * 1_000_003 + epoch * 65_537 + batch) % (2**63)
-        self._multicrop.generator.manual_seed(seed)
-        labels = self._label_table[torch.tensor(indices, dtype=torch.long)]
-        return self._multicrop(images, labels)
+        # rows of batch b drawn from (seed, rank, epoch, b): a resumed loader draws the same crops
+        self._multicrop.generator.manual_seed(stream_seed(self.seed, self.rank, epoch, batch))
+        labels = self._label_table[torch.tensor(indices, dtype=torch.long)].to(self.device)
+        return self._multicrop(images, labels, layout="HWC")
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self):
