@@ -65,7 +65,7 @@ class Decoder(nn.Module):
         h, w = self.square_grid(N) if grid is None else grid
         if h * w != N:
             raise ValueError(f"grid {h}x{w} does not hold N={N} patches")
-        x = x + self.pos(h, w).to(x.dtype)
+        x = x + self.pos(h, w)                                             # float32 PE: promotes
         x = self.transformer(x)                                            # B x N x dim
         if self.head_kind == "tokens":
             return self.head(x)                                            # B x N x vocab

@@ -68,7 +68,7 @@ class SparseTokenEncoder(nn.Module):
                                  f"got [{int(keep.min())}, {int(keep.max())}]")
             kept = torch.gather(x[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, D))   # B x n_keep x D
             x = torch.cat([x[:, :1], kept], dim=1)
-        sparse = self.sparse_tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        sparse = self.sparse_tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([x, sparse], dim=1)
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -181,8 +181,10 @@ class VisionTransformer(nn.Module):
         """images: Tensor[B, 3, H, W] (already normalized) -> tokens Tensor[B, 1+N, D]."""
         grid = self.patch_embed.grid(images.shape[-2], images.shape[-1])
         x = self.patch_embed(images)                                   # B x N x D
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return x + self.position_embedding(*grid).to(x.dtype)
+        # No casts: under autocast the residual stream is promoted to the parameters' float32,
+        # as in HF/timm (the conv output is bf16, CLS and position table float32).
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.position_embedding(*grid)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.transformer(self.embed(images))
