@@ -1,0 +1,68 @@
+"""What setup.py built: stellar._C loads, names its torch, and holds compiled CUDA code wherever a
+CUDA toolchain was there to compile it (the proof, on CPU-only CI, that the .cu sources build).
+"""
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from stellar import _ext
+
+if os.environ.get("STELLAR_SKIP_EXT") == "1":
+    pytest.skip("STELLAR_SKIP_EXT=1: stellar._C not built", allow_module_level=True)
+
+
+def _cuda_toolchain() -> bool:
+    """The same test as setup.py: a toolkit with nvcc and cuda_runtime.h, and a CUDA torch."""
+    if os.environ.get("STELLAR_SKIP_CUDA") == "1" or torch.version.cuda is None:
+        return False
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    return any(
+        h and os.path.isfile(os.path.join(h, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))
+        for h in homes
+    )
+
+
+def test_extension_loads_and_names_its_torch():
+    info = _ext.extension_info()
+    assert info["built"] and info["error"] is None, info
+    assert info["torch_built"] == torch.__version__
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("stellar::multicrop", "CPU")
+
+
+@pytest.mark.skipif(not _cuda_toolchain(), reason="no CUDA toolchain here: a CPU-only build is right")
+def test_cuda_sources_were_compiled():
+    info = _ext.extension_info()
+    assert info["cuda"], "a CUDA toolchain is present but stellar._C was built CPU-only"
+    assert info["arch_list"] and info["cuda_version"] == torch.version.cuda
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("stellar::multicrop", "CUDA")
+    with open(info["path"], "rb") as f:
+        blob = f.read()
+    # the device code nvcc embeds (a fat binary) and the kernels' mangled names
+    assert b".nv_fatbin" in blob
+    assert b"color_kernel" in blob and b"blur_kernel" in blob
+
+
+def test_version_mismatch_says_built_for_and_running(monkeypatch):
+    built = _ext.extension_info()["torch_built"]
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(torch, "__version__", "0.0.1+other")
+    with pytest.raises(_ext.ExtensionError, match=re.escape(f"built for torch {built}, running 0.0.1+other")):
+        _ext.load()
+    info = _ext.extension_info()
+    assert info["built"] and "running 0.0.1+other" in info["error"]
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_library_path", lambda: None)
+    with pytest.raises(_ext.ExtensionError, match="stellar._C is not built"):
+        _ext.load()
+    assert not _ext.is_available()
+    assert _ext.extension_info()["built"] is False
