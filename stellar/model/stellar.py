@@ -21,6 +21,7 @@ heads applied to the second global view (the public code's choice), matched by O
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -72,12 +73,14 @@ def resolve_config(cfg: dict | None = None) -> dict[str, Any]:
 
     Unknown keys (at either level) raise a ValueError naming them.
     """
+    if cfg is not None and not isinstance(cfg, Mapping):
+        raise ValueError(f"cfg must be a mapping (the `model:` config section), got {type(cfg).__name__}")
     cfg = {} if cfg is None else dict(cfg)
     unknown = [k for k in cfg if k not in DEFAULT_CONFIG]
     out = copy.deepcopy(DEFAULT_CONFIG)
     for section in _SECTIONS:
         sub = cfg.pop(section, None) or {}
-        if not isinstance(sub, dict):
+        if not isinstance(sub, Mapping):
             raise ValueError(f"model.{section} must be a mapping, got {type(sub).__name__}")
         unknown += [f"{section}.{k}" for k in sub if k not in DEFAULT_CONFIG[section]]
         out[section].update({k: v for k, v in sub.items() if k in DEFAULT_CONFIG[section]})
