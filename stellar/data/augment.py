@@ -281,8 +281,11 @@ def _resized_crops(image, rows, size, dtype):
     x_1 = torch.where(flip[:, None], x_1.flip(-1), x_1)
     lx = torch.where(flip[:, None], lx.flip(-1), lx)
 
-    def tap(ys, xs):  # -> [k, 3, size, size]
-        return image[:, ys[:, :, None], xs[:, None, :]].permute(1, 0, 2, 3)
+    flat = image.reshape(3, Hs * Ws)
+
+    def tap(ys, xs):  # -> [k, 3, size, size]: image[:, ys[k, i], xs[k, j]]
+        idx = (ys[:, :, None] * Ws + xs[:, None, :]).reshape(-1)
+        return flat.index_select(1, idx).view(3, -1, size, size).transpose(0, 1)
 
     ly = ly[:, None, :, None]
     lx = lx[:, None, None, :]
@@ -348,10 +351,12 @@ def _gaussian_blur(x, sigma):
     half = BLUR_KERNEL // 2
     d = torch.arange(-half, half + 1, dtype=x.dtype)
     kernel = torch.softmax(-(d[None, :] ** 2) / (2.0 * sigma[:, None] ** 2), dim=1)  # [k, 9]
-    padded = F.pad(x, (half, half, half, half), mode="reflect")
-    # rows: sum_j kx[j] * padded[..., x + j]; then columns likewise
-    horiz = (padded.unfold(3, BLUR_KERNEL, 1) * kernel[:, None, None, None, :]).sum(-1)
-    return (horiz.unfold(2, BLUR_KERNEL, 1) * kernel[:, None, None, None, :]).sum(-1)
+    k, c, h, w = x.shape
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, k * c, h + 2 * half, w + 2 * half)
+    # one depthwise channel per (crop, colour): along rows, then along columns
+    weight = kernel.repeat_interleave(c, dim=0)  # [k * c, 9]
+    horiz = F.conv2d(padded, weight[:, None, None, :], groups=k * c)
+    return F.conv2d(horiz, weight[:, None, :, None], groups=k * c).reshape(k, c, h, w)
 
 
 def _to_float(image, dtype, name):

@@ -76,11 +76,11 @@ class _MultiCropSamples(Dataset):
         image, label, bad = self.images.load(index)
         gen = torch.Generator().manual_seed(stream_seed(self.seed, epoch, index))
         rows = augment.sample_multicrop_params([tuple(image.shape[1:])], gen, **self.crop_kwargs)
-        crop = lambda r, s: augment.apply_crops([image], r, s, normalize=False)  # noqa: E731
+        big = augment.apply_crops([image], torch.cat([rows["image"], rows["global"]]), self.global_size, normalize=False)
         return {
-            "image": crop(rows["image"], self.global_size)[0],
-            "global_views": crop(rows["global"], self.global_size),
-            "local_views": crop(rows["local"], self.local_size),
+            "image": big[0],
+            "global_views": big[1:],
+            "local_views": augment.apply_crops([image], rows["local"], self.local_size, normalize=False),
             "label": label,
             "bad": bad,
         }
