@@ -17,6 +17,8 @@ if os.environ.get("STELLAR_SKIP_EXT") == "1":
 from stellar.data.multicrop import MultiCrop  # noqa: E402
 from stellar.ops import multicrop  # noqa: E402
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 4e-3}
 C = {name: i for i, name in enumerate(COLS)}
 
@@ -35,18 +37,21 @@ def _images(sizes, gen):
     return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
 
 
-def _op(images, rows, size, **kw):
-    return multicrop([im.permute(1, 2, 0) for im in images], rows, size, **kw)
+def _op(images, rows, size, device="cpu", rows_on_device=False, **kw):
+    hwc = [im.to(device).permute(1, 2, 0) for im in images]
+    out = multicrop(hwc, rows.to(device) if rows_on_device else rows, size, **kw)
+    assert out.device.type == device
+    return out.cpu()
 
 
 def _row(image=0, y0=0, x0=0, h=4, w=4, flip=0, b=1.0, c=1.0, s=1.0, hue=0.0, gray=0, sigma=0.0):
     return [image, y0, x0, h, w, flip, b, c, s, hue, gray, sigma]
 
 
-def _compare(images, rows, size, normalize=True, dtype=torch.float32):
+def _compare(images, rows, size, normalize=True, dtype=torch.float32, device="cpu", rows_on_device=False):
     rows = torch.tensor(rows, dtype=torch.float32) if not isinstance(rows, torch.Tensor) else rows
     ref = apply_crops(images, rows, size, normalize=normalize, dtype=torch.float64)
-    out = _op(images, rows, size, normalize=normalize, dtype=dtype)
+    out = _op(images, rows, size, device, rows_on_device, normalize=normalize, dtype=dtype)
     assert out.dtype == dtype and out.shape == (rows.shape[0], 3, size, size)
     err = (out.double() - ref).abs().max().item()
     assert err <= ATOL[dtype], f"max abs error {err:.3g} > {ATOL[dtype]}"
@@ -63,10 +68,13 @@ def _compare(images, rows, size, normalize=True, dtype=torch.float32):
         ([(96, 80)], 4, 7),  # downsampling
     ],
 )
-def test_random_rows_match_reference(sizes, views, size, normalize, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_rows_match_reference(sizes, views, size, normalize, device, gen):
     images = _images(sizes, gen)
     rows = sample_crop_params(sizes, views, generator=gen, jitter_p=0.9, grayscale_p=0.3, blur_p=0.6)
-    _compare(images, rows, size, normalize=normalize)
+    _compare(images, rows, size, normalize=normalize, device=device)
+    if device == "cuda":
+        _compare(images, rows, size, normalize=normalize, device=device, rows_on_device=True)
 
 
 @pytest.mark.parametrize(
@@ -82,10 +90,11 @@ def test_random_rows_match_reference(sizes, views, size, normalize, gen):
     ],
 )
 @pytest.mark.parametrize("flip", [0, 1])
-def test_windows_at_borders_and_beyond(window, flip, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_windows_at_borders_and_beyond(window, flip, device, gen):
     images = _images([(13, 10)], gen)  # H=13, W=10
     rows = [_row(**window, flip=flip), _row(**window, flip=flip, b=1.3, c=0.6, s=1.2, hue=0.1, sigma=1.1)]
-    _compare(images, rows, 12)
+    _compare(images, rows, 12, device=device)
 
 
 STEPS = {
@@ -111,20 +120,35 @@ STEPS = {
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
-def test_each_colour_step(step, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_colour_step(step, device, gen):
     images = _images([(21, 30), (9, 14)], gen)
     rows = [_row(image=0, y0=3, x0=2, h=15, w=19, **STEPS[step]),
             _row(image=1, y0=-2, x0=4, h=11, w=13, **STEPS[step])]
-    _compare(images, rows, 10, normalize=True)
-    _compare(images, rows, 10, normalize=False)
+    _compare(images, rows, 10, normalize=True, device=device)
+    _compare(images, rows, 10, normalize=False, device=device)
+    # a size spanning several blur tiles on the GPU (32 px) with a partial last tile
+    _compare(images, rows, 37, normalize=True, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_outputs(dtype, gen):
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_outputs(dtype, device, gen):
     sizes = [(30, 40), (25, 17)]
     images = _images(sizes, gen)
     rows = sample_crop_params(sizes, 4, generator=gen)
-    _compare(images, rows, 16, dtype=dtype)
+    _compare(images, rows, 16, dtype=dtype, device=device)
+
+
+@CUDA
+def test_cuda_matches_cpu_op_on_a_large_batch(gen):
+    """Many rows and real sizes: the CUDA and CPU bodies agree (and with the reference)."""
+    sizes = [(int(h), int(w)) for h, w in torch.randint(60, 200, (6, 2), generator=gen)]
+    images = _images(sizes, gen)
+    rows = sample_crop_params(sizes, 9, generator=gen)
+    cpu, cuda = _op(images, rows, 64), _op(images, rows, 64, device="cuda")
+    assert (cpu - cuda).abs().max().item() <= 1e-5
+    _compare(images, rows[::7], 64, device="cuda")
 
 
 def test_layouts_give_identical_views(gen):
