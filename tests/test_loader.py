@@ -116,6 +116,14 @@ def test_corrupt_file_counted_across_worker_processes(folder):
     assert loader.bad_paths[0].endswith("broken.jpg")
 
 
+def test_iterating_leaves_the_global_rng_alone(folder):
+    torch.manual_seed(123)
+    expect = torch.rand(3)
+    torch.manual_seed(123)
+    collect(build_loader(folder, **{**SMALL, "num_workers": 1}), 2)
+    assert torch.equal(torch.rand(3), expect)
+
+
 def test_shards_partition_an_epoch(folder):
     kw = {**SMALL, "batch_size": 2}
     ranks = [build_loader(folder, rank=r, world_size=2, **kw) for r in range(2)]

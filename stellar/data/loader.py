@@ -214,6 +214,8 @@ class ReferenceLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            # DataLoader draws its workers' base seed from this generator: leave the global RNG alone
+            generator=torch.Generator().manual_seed(stream_seed(self.seed, epoch, -2)),
         )
         for batch, bad in loader:
             self._bad.update(bad)
