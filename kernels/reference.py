@@ -30,6 +30,9 @@ def factorize(
     q = F.normalize(dense, dim=-1, eps=eps)
     k = F.normalize(sparse_q, dim=-1, eps=eps)
     logits = torch.matmul(q, k.transpose(-1, -2)) / temperature
-    L = torch.softmax(logits.float(), dim=-1).to(dense.dtype)
+    # fp16/bf16 logits are soft-maxed in fp32 (as the kernels accumulate); fp32/fp64 stay as they are,
+    # so the float64 reference keeps float64 precision.
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    L = torch.softmax(logits.to(acc), dim=-1).to(dense.dtype)
     Z = torch.matmul(L, sparse_v)
     return Z, L
