@@ -363,6 +363,8 @@ def _to_float(image, dtype, name):
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name} must be a Tensor[3, H, W] (uint8 or float in [0, 1]), got {shape}")
+    if image.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU (this is the CPU reference; torch.ops.stellar.multicrop runs on CUDA)")
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
@@ -381,7 +383,8 @@ def apply_crops(
 ) -> torch.Tensor:
     """Cut, resize and colour-augment one crop per row of `params`.
 
-    images: a list of uint8 Tensor[3, H_i, W_i] (or float in [0, 1]), or a Tensor[N, 3, H, W].
+    images: a list of uint8 Tensor[3, H_i, W_i] (or float in [0, 1]), or a Tensor[N, 3, H, W],
+        on the CPU.
     params: Tensor[K, 12] crop rows (module docstring); image_index selects the source.
     size: output side. normalize: subtract ImageNet mean, divide by std at the end.
     dtype: working and output dtype (float32, or float64 for tests).
