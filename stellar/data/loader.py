@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import augment
 from .folder import IMAGE_EXTS, ImageFolderDataset
+from .dali import resolve_shard
 
 BACKENDS = ("auto", "reference", "torchvision", "dali")
 
@@ -237,8 +238,8 @@ def build_loader(
     local_scale: Sequence[float] = (0.06, 0.36),
     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
     shuffle: bool = True,
     drop_last: bool = True,
     split: Optional[str] = "train",
@@ -250,12 +251,15 @@ def build_loader(
     `stellar.data.gpu_loaders`), or "auto": dali where it imports and CUDA is available,
     torchvision where CUDA is available, else reference. All backends take the same keyword
     arguments; `backend_kwargs` go to the chosen backend (reference: `pin_memory`, and a
-    `device` that it ignores: its batches stay on the CPU).
+    `device` that it ignores: its batches stay on the CPU). `rank`/`world_size` default to
+    torch.distributed's when a process group is initialized.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = pick_backend()
+    # rank/world_size: explicit, else torch.distributed's when a process group is up, else (0, 1)
+    rank, world_size = resolve_shard(rank, world_size)
     common = dict(batch_size=batch_size, num_workers=num_workers, global_size=global_size, local_size=local_size,
                   num_global=num_global, num_local=num_local, global_scale=global_scale, local_scale=local_scale,
                   seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last)
