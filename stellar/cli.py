@@ -159,7 +159,7 @@ def run_demo(out: str | Path, overrides=(), device: str = "cpu") -> int:
                     device=device)
 
     print("[1/4] embedded dataset ...", flush=True)
-    root = ensure_shapes_dataset()
+    root = Path(cfg["data"]["root"]) if cfg["data"]["root"] else ensure_shapes_dataset()
     print(f"      {root}", flush=True)
 
     print("[2/4] kNN at random initialisation ...", flush=True)
