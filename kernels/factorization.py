@@ -18,6 +18,7 @@ from torch import Tensor
 from .reference import factorize as factorize_reference
 
 MAX_RANK = 128
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch")
 
 # ----------------------------------------------------------------------------- the custom ops
@@ -102,8 +103,8 @@ def factorize(
         temperature: softmax temperature tau_s (> 0).
         eps: floor on the L2 norms (as `F.normalize`).
         return_L: also return L (otherwise it is never written and None is returned).
-        backend: "auto" (Triton for CUDA tensors when Triton is installed, the reference
-            elsewhere), "triton" (also CPU tensors when TRITON_INTERPRET=1), or "torch".
+        backend: "auto" (Triton for float32/bfloat16/float16 CUDA tensors when Triton is
+            installed, the reference elsewhere), "triton" (also CPU tensors when TRITON_INTERPRET=1), or "torch".
         out_proj: an `nn.Linear(Dv, Do)` or a `(weight[Do, Dv], bias[Do] | None)` pair. When
             given, returns `L @ (sparse_v @ W^T) + b` = `Linear(Z)` without forming Z: the
             projection runs on the r tokens (N/r times fewer rows) and, as the rows of L sum to
@@ -136,8 +137,10 @@ def _resolve_backend(backend: str, dense: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if dense.is_cuda and _triton_available() else "torch"
+        return "triton" if dense.is_cuda and dense.dtype in TRITON_DTYPES and _triton_available() else "torch"
     if backend == "triton":
+        if dense.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 dense, got {dense.dtype}")
         if not _triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         if not dense.is_cuda and not _interpreting():

@@ -147,9 +147,9 @@ def _factorize_bwd_kernel(
     masked = tl.where(mask_r[None, :], logits, float("-inf"))
     p = tl.exp(masked - tl.max(masked, axis=1)[:, None])
     probs = p / tl.sum(p, axis=1)[:, None]
-    probs = tl.where(nr_mask, probs, 0.0)  # padded rows must not enter the sums over N
 
-    # Pass over Dv: dL = dZ @ V^T, and this tile's share of dV = L^T @ dZ.
+    # Pass over Dv: dL = dZ @ V^T, and this tile's share of dV = L^T @ dZ (padded rows of dZ
+    # load as 0, so they add nothing).
     part = (b * n_tiles + pid_n) * R
     probs_v = probs.to(SV.dtype.element_ty)
     if UPCAST:
