@@ -257,3 +257,25 @@ def test_backend_info():
     assert info["interpreter"] == INTERPRET and info["cuda_available"] == CUDA
     assert info["auto_backend"] in ("triton", "torch")
     assert (info["triton_version"] is not None) == info["triton_available"]
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_module_projects_then_factorizes(backend):
+    from stellar.nn.factorization import SpatialSemanticFactorization
+
+    torch.manual_seed(0)
+    D, Dv = 40, 24
+    module = SpatialSemanticFactorization(D, temperature=0.1, value_dim=Dv, backend=backend).to(DEVICE)
+    assert {"dense_proj.weight", "dense_proj.bias", "sparse_proj.weight", "sparse_proj.bias"} == set(module.state_dict())
+    dense, sparse, values = _inputs(2, 13, 7, D, Dv, torch.float32)
+    Z, L = module(dense, sparse, values=values)
+    Zr, Lr = reference.factorize(
+        module.dense_proj(dense).double(), module.sparse_proj(sparse).double(), values.double(), 0.1
+    )
+    _close(Z, Zr.detach(), torch.float32, "Z")
+    _close(L, Lr.detach(), torch.float32, "L")
+    with pytest.raises(ValueError, match="value_dim=24"):
+        module(dense, sparse)  # the default values (sparse) have width 40
