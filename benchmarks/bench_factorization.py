@@ -2,6 +2,8 @@
 
     pytest benchmarks/bench_factorization.py --benchmark-only -s        # CUDA: the full grid
     python benchmarks/bench_factorization.py RESULTS.json               # table from --benchmark-json
+    python benchmarks/bench_factorization.py check                      # Triton vs float64, on CUDA
+    python benchmarks/bench_factorization.py run OUT.json               # timings without pytest-benchmark
 
 Shapes (bf16, r 16): B 128 / 1024, N 196, D 768 (ViT-B/16) and B 128, N 256, D 1280 (ViT-H/14);
 forward and forward+backward (gradients of dense, sparse_q and sparse_v from dZ). Each timed call
@@ -55,6 +57,10 @@ def _floor_bytes(B, N, D, r, mode):
 
 @pytest.fixture(scope="module")
 def copy_bandwidth():
+    return measure_copy_bandwidth()
+
+
+def measure_copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (median of 20, CUDA events)."""
     if not CUDA:
         return float("nan")
@@ -178,5 +184,74 @@ def summarize(path: str) -> str:
     return "\n".join(lines)
 
 
+def check(shapes=((8, 196, 768, 768), (8, 256, 1280, 1280), (3, 197, 100, 40), (2, 13, 2100, 48))) -> bool:
+    """Triton vs the float64 reference on this device: Z, L and the three gradients; max error
+    relative to the largest reference value under 1e-2 (bf16) and 1e-3 (fp32)."""
+    ok = True
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-3), (torch.float16, 1e-2)):
+        for B, N, D, Dv in shapes:
+            for r in (1, 16, 128):
+                g = torch.Generator(device=DEVICE).manual_seed(B * N + r)
+                master = [torch.randn(B, N, D, device=DEVICE, dtype=torch.float64, generator=g),
+                          torch.randn(B, r, D, device=DEVICE, dtype=torch.float64, generator=g),
+                          torch.randn(B, r, Dv, device=DEVICE, dtype=torch.float64, generator=g)]
+                dZ = torch.randn(B, N, Dv, device=DEVICE, dtype=torch.float64, generator=g)
+                dL = torch.randn(B, N, r, device=DEVICE, dtype=torch.float64, generator=g)
+                ours = [t.to(dtype).requires_grad_() for t in master]
+                ref = [t.clone().requires_grad_() for t in master]
+                Z, L = factorize(*ours, backend="triton")
+                Zr, Lr = reference.factorize(*ref, 0.06, 1e-7)
+                torch.autograd.backward((Z, L), (dZ.to(dtype), dL.to(dtype)))
+                torch.autograd.backward((Zr, Lr), (dZ, dL))
+                pairs = [("Z", Z, Zr), ("L", L, Lr)] + [
+                    (f"d_{n}", a.grad, b.grad) for n, a, b in zip(("dense", "sparse_q", "sparse_v"), ours, ref)]
+                # relative to the largest reference value (absolute where it is exactly 0: r = 1)
+                errs = {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                        if b.abs().max() > 0 else (a.double() - b).abs().max().item() for n, a, b in pairs}
+                worst = max(errs.values())
+                ok &= worst < tol
+                print(f"{'ok  ' if worst < tol else 'FAIL'} {str(dtype):15s} B{B} N{N} r{r} D{D} Dv{Dv} "
+                      + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+    return ok
+
+
+def run_without_pytest_benchmark() -> str:
+    """The same cases timed with CUDA events (median of 50), for a machine without pytest-benchmark."""
+
+    class _Bench:  # the small part of the pytest-benchmark fixture that _run uses
+        def __init__(self):
+            self.extra_info, self.group = {}, ""
+
+        def pedantic(self, fn, rounds, iterations, warmup_rounds):
+            times = []
+            for _ in range(rounds):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            self.stats = type("S", (), {"stats": type("M", (), {"median": statistics.median(times)})})
+
+    bandwidth = measure_copy_bandwidth()
+    rows = []
+    cases = [("test_factorize", dict(shape=s, impl=i, mode=m)) for m in ("fwd", "fwdbwd") for i in IMPLS for s in SHAPES]
+    cases += [("test_decoder_projection", dict(fused=f)) for f in (False, True)]
+    for name, params in cases:
+        bench = _Bench()
+        globals()[name](bench, bandwidth, **params)
+        label = params.get("impl") or ("out_proj" if params["fused"] else "linear_of_Z")
+        rows.append({"name": f"{name}[{label}]", "group": bench.group, "params": {k: v for k, v in params.items() if k == "impl"},
+                     "stats": {"median": bench.stats.stats.median}, "extra_info": bench.extra_info})
+    return json.dumps({"benchmarks": rows})
+
+
 if __name__ == "__main__":
-    print(summarize(sys.argv[1]))
+    if sys.argv[1] == "check":
+        sys.exit(0 if check() else 1)
+    if sys.argv[1] == "run":
+        with open(sys.argv[2], "w") as f:
+            f.write(run_without_pytest_benchmark())
+        print(summarize(sys.argv[2]))
+    else:
+        print(summarize(sys.argv[1]))
