@@ -222,23 +222,47 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _blocks(N: int, R: int, D: int, DV: int) -> dict:
+def _blocks(N: int, R: int, D: int, DV: int, itemsize: int, max_block_n: int) -> dict:
     """Block sizes: r padded to a power of two (>= 16 for tl.dot); as many patches per tile as
-    the [BLOCK_N, BLOCK_R] fp32 tiles allow, so that most images are one tile (no partials to
-    reduce over N). Chosen by reasoning, not yet tuned on a GPU."""
+    the [BLOCK_N, BLOCK_R] fp32 tiles and the [BLOCK_N, BLOCK_D] input tiles allow, so that most
+    images are one tile (no partials to reduce over N). Chosen by reasoning, not yet tuned on a
+    GPU; STELLAR_FACTORIZE_BLOCK_N caps BLOCK_N for tuning."""
     block_r = max(16, triton.next_power_of_2(R))
-    block_n = min(max(16, triton.next_power_of_2(N)), 256 if block_r <= 32 else 8192 // block_r)
+    cap = 256 if block_r <= 32 else 4096 // block_r
+    cap = min(cap, 128 if itemsize > 2 else cap, max_block_n)
+    knob = os.environ.get("STELLAR_FACTORIZE_BLOCK_N")
+    if knob:
+        cap = min(cap, int(knob))
+    block_n = min(max(16, triton.next_power_of_2(N)), max(16, cap))
     block_d = min(64, max(16, triton.next_power_of_2(D)))
     block_dv = min(64, max(16, triton.next_power_of_2(DV)))
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
 
-def _launch_options(dtype: torch.dtype, blocks: dict) -> dict:
+def _launch_options(blocks: dict) -> dict:
     interpret = _interpreting()
     options = dict(UPCAST=interpret, PRECISION="ieee")
     if not interpret:
-        options["num_warps"] = 8 if blocks["BLOCK_N"] >= 128 else 4
+        options["num_warps"] = 8 if blocks["BLOCK_N"] * max(blocks["BLOCK_R"], 32) >= 4096 else 4
     return options
+
+
+# The largest BLOCK_N that compiled within the shared memory and registers of the device, per
+# (kernel, dtype, padded r); lowered when a launch raises OutOfResources.
+_MAX_BLOCK_N: dict = {}
+
+
+def _launch_with_fallback(kind: str, dtype: torch.dtype, N: int, R: int, D: int, DV: int, launch):
+    """Call `launch(blocks)`; on OutOfResources halve BLOCK_N (down to 16) and retry."""
+    key = (kind, dtype, max(16, triton.next_power_of_2(R)))
+    while True:
+        blocks = _blocks(N, R, D, DV, torch.finfo(dtype).bits // 8, _MAX_BLOCK_N.get(key, 256))
+        try:
+            return launch(blocks)
+        except triton.runtime.errors.OutOfResources:
+            if blocks["BLOCK_N"] <= 16:
+                raise
+            _MAX_BLOCK_N[key] = blocks["BLOCK_N"] // 2
 
 
 def factorize_forward(
@@ -261,16 +285,18 @@ def factorize_forward(
     logits = torch.empty(B, N, R, device=dev, dtype=torch.float32)
     inv_n = torch.empty(B, N, device=dev, dtype=torch.float32)
     inv_k = torch.empty(B, R, device=dev, dtype=torch.float32)
-    blocks = _blocks(N, R, D, DV)
-    grid = (triton.cdiv(N, blocks["BLOCK_N"]), B)
-    with _device_guard(dev):
-        _factorize_fwd_kernel[grid](
+
+    def launch(blocks):
+        _factorize_fwd_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), B)](
             dense, sparse_q, sparse_v, Z, L, logits, inv_n, inv_k,
             N, R, D, DV,
             *dense.stride(), *sparse_q.stride(), *sparse_v.stride(),
             1.0 / temperature, eps,
-            WRITE_L=return_L, **blocks, **_launch_options(dense.dtype, blocks),
+            WRITE_L=return_L, **blocks, **_launch_options(blocks),
         )
+
+    with _device_guard(dev):
+        _launch_with_fallback("fwd", dense.dtype, N, R, D, DV, launch)
     return Z, L, logits, inv_n, inv_k
 
 
@@ -291,23 +317,27 @@ def factorize_backward(
     B, N, D = dense.shape
     R, DV = sparse_v.shape[1], sparse_v.shape[2]
     dev = dense.device
-    blocks = _blocks(N, R, D, DV)
-    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
     d_dense = torch.empty(B, N, D, device=dev, dtype=dense.dtype)
-    dv_part = torch.empty(B, n_tiles, R, DV, device=dev, dtype=torch.float32)
-    dk_part = torch.empty(B, n_tiles, R, D, device=dev, dtype=torch.float32)
     has_dl = dL is not None
     dl_arg = dL if has_dl else logits  # any tensor; never read when HAS_DL is False
     dl_strides = dL.stride() if has_dl else (0, 0, 0)
-    with _device_guard(dev):
+
+    def launch(blocks):
+        n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
+        dv_part = torch.empty(B, n_tiles, R, DV, device=dev, dtype=torch.float32)
+        dk_part = torch.empty(B, n_tiles, R, D, device=dev, dtype=torch.float32)
         _factorize_bwd_kernel[(n_tiles, B)](
             dense, sparse_q, sparse_v, dZ, dl_arg, logits, inv_n, inv_k,
             d_dense, dv_part, dk_part,
             N, R, D, DV,
             *dense.stride(), *sparse_q.stride(), *sparse_v.stride(), *dZ.stride(), *dl_strides,
             1.0 / temperature, eps,
-            HAS_DL=has_dl, **blocks, **_launch_options(dense.dtype, blocks),
+            HAS_DL=has_dl, **blocks, **_launch_options(blocks),
         )
+        return n_tiles, dv_part, dk_part
+
+    with _device_guard(dev):
+        n_tiles, dv_part, dk_part = _launch_with_fallback("bwd", dense.dtype, N, R, D, DV, launch)
     d_sparse_v = dv_part.sum(1) if n_tiles > 1 else dv_part[:, 0]
     dk_hat = dk_part.sum(1) if n_tiles > 1 else dk_part[:, 0]
     # Keys' normalization backward on [B, r, D] (small): ds = (dk - <dk, k_hat> k_hat) / |s|,

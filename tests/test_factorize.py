@@ -279,3 +279,33 @@ def test_module_projects_then_factorizes(backend):
     _close(L, Lr.detach(), torch.float32, "L")
     with pytest.raises(ValueError, match="value_dim=24"):
         module(dense, sparse)  # the default values (sparse) have width 40
+
+
+@needs_triton
+def test_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypatch):
+    """A device without the shared memory for a big tile gets a smaller BLOCK_N, same result."""
+    import triton
+
+    from stellar.kernels import factorize_triton as ft
+
+    real = ft._factorize_fwd_kernel
+    seen = []
+
+    class SmallDevice:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["BLOCK_N"])
+                if kwargs["BLOCK_N"] > 32:
+                    raise triton.runtime.errors.OutOfResources(kwargs["BLOCK_N"] * 1024, 32 * 1024, "shared memory")
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ft, "_factorize_fwd_kernel", SmallDevice())
+    monkeypatch.setattr(ft, "_MAX_BLOCK_N", {})
+    inputs = _inputs(1, 197, 7, 40, 24, torch.float32)
+    Z, L = factorize(*inputs, backend="triton")
+    Zr, Lr = reference.factorize(*(t.double() for t in inputs))
+    assert seen[0] > 32 and seen[-1] == 32
+    _close(Z, Zr, torch.float32, "Z")
+    _close(L, Lr, torch.float32, "L")
