@@ -72,6 +72,8 @@ def _backward(ctx, dZ, dL, d_logits, d_inv_n, d_inv_k):
     dense, sparse_q, sparse_v, logits, inv_n, inv_k = ctx.saved_tensors
     if not ctx.return_L:
         dL = None
+    if dZ is None:  # only L reached the loss
+        dZ = torch.zeros(dense.shape[0], dense.shape[1], sparse_v.shape[2], device=dense.device, dtype=dense.dtype)
     d_dense, d_sparse_q, d_sparse_v = _factorize_bwd(
         dZ, dL, dense, sparse_q, sparse_v, logits, inv_n, inv_k, ctx.temperature, ctx.eps
     )

@@ -309,3 +309,31 @@ def test_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypatch):
     assert seen[0] > 32 and seen[-1] == 32
     _close(Z, Zr, torch.float32, "Z")
     _close(L, Lr, torch.float32, "L")
+
+
+@needs_triton
+def test_gradients_when_only_L_reaches_the_loss():
+    inputs = _inputs(2, 13, 7, 40, 24, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    weights = torch.randn(2, 13, 7, dtype=torch.float64).to(DEVICE)
+    (factorize(*leaves, backend="triton")[1].double() * weights).sum().backward()
+    (reference.factorize(*ref_leaves)[1] * weights).sum().backward()
+    for name, leaf, ref in zip(("dense", "sparse_q"), leaves, ref_leaves):
+        _close(leaf.grad, ref.grad, torch.float32, f"grad of {name}")
+    assert leaves[2].grad is None or not leaves[2].grad.any()
+
+
+def test_readme_example_runs():
+    """The ten-line example of docs/factorization.md (the README section) runs as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "factorization.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/factorization.md", "exec"), scope)
+    head = scope["ConceptHead"](dim=32, r=16)
+    Z, L = head(torch.randn(2, 196, 32))
+    assert Z.shape == (2, 196, 32) and L.shape == (2, 196, 16)
+    torch.testing.assert_close(L.sum(-1), torch.ones(2, 196))
