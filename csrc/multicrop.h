@@ -18,7 +18,7 @@
 #if defined(__CUDACC__)
 #define STELLAR_HD __host__ __device__ __forceinline__
 #else
-#define STELLAR_HD inline
+#define STELLAR_HD inline __attribute__((always_inline))
 #endif
 
 namespace stellar {
@@ -43,6 +43,10 @@ struct ImageRef {
   int64_t height, width;
   int64_t stride_h, stride_w, stride_c;
 };
+
+// max / min as comparisons (fmaxf / fminf are library calls on the CPU without fast-math).
+STELLAR_HD float max2(float a, float b) { return a > b ? a : b; }
+STELLAR_HD float min2(float a, float b) { return a < b ? a : b; }
 
 STELLAR_HD float clamp01(float v) { return v < 0.f ? 0.f : (v > 1.f ? 1.f : v); }
 
@@ -78,45 +82,40 @@ STELLAR_HD float gray_of(float r, float g, float b) {
   return 0.2989f * r + 0.587f * g + 0.114f * b;
 }
 
-// adjust_hue: RGB -> HSV, h += hue (mod 1), HSV -> RGB, as torchvision's float path.
+// One channel of HSV -> RGB: v - v s max(0, min(k, 4 - k, 1)), k = (n + 6 h) mod 6 with
+// n = 5, 3, 1 for r, g, b; equal to torchvision's sector table of p, q, t (all in [0, 1] here,
+// so its clamps are inactive). Branch-free so the CPU loop vectorizes.
+STELLAR_HD float hsv_channel(float n, float h6, float v, float s) {
+  float k = n + h6;                      // in [1, 12)
+  k -= 6.f * static_cast<float>(k >= 6.f);
+  const float w = max2(0.f, min2(min2(k, 4.f - k), 1.f));
+  return v - v * s * w;
+}
+
+// adjust_hue: RGB -> HSV, h += hue (mod 1), HSV -> RGB, as torchvision's float path. Floors
+// are integer truncations of values kept positive (no libm calls on the CPU's hot path).
 STELLAR_HD void shift_hue(float* r, float* g, float* b, float hue) {
   const float R = *r, G = *g, B = *b;
-  const float maxc = fmaxf(R, fmaxf(G, B));
-  const float minc = fminf(R, fminf(G, B));
-  const bool eqc = maxc == minc;
+  const float maxc = max2(R, max2(G, B));
+  const float minc = min2(R, min2(G, B));
   const float range = maxc - minc;
-  const float s = range / (eqc ? 1.f : maxc);
-  const float div = eqc ? 1.f : range;
-  const float rc = (maxc - R) / div, gc = (maxc - G) / div, bc = (maxc - B) / div;
-  float h;
-  if (maxc == R) {
-    h = bc - gc;
-  } else if (maxc == G) {
-    h = 2.f + rc - bc;
-  } else {
-    h = 4.f + gc - rc;
-  }
-  h = fmodf(h / 6.f + 1.f, 1.f);
-  h = h + hue;
-  h = h - floorf(h);  // remainder by 1, result in [0, 1]
-  const float v = maxc;
+  // torchvision divides by 1 where max == min (range 0, so s = 0 and rc = gc = bc = 0): a
+  // tiny floor on the divisors gives the same results without a branch.
+  const float s = range / max2(maxc, 1e-30f);
+  const float inv = 1.f / max2(range, 1e-30f);
+  const float rc = (maxc - R) * inv, gc = (maxc - G) * inv, bc = (maxc - B) * inv;
+  const float hr = bc - gc, hg = 2.f + rc - bc, hb = 4.f + gc - rc;
+  const float is_r = static_cast<float>(maxc == R);
+  const float is_g = (1.f - is_r) * static_cast<float>(maxc == G);
+  float h = is_r * hr + is_g * hg + (1.f - is_r - is_g) * hb;  // in [-1, 5]
+  h = h * (1.f / 6.f) + 1.f;  // in [5/6, 11/6]: fmod(h, 1) = h - trunc(h)
+  h = h - static_cast<float>(static_cast<int>(h));
+  h = h + hue + 1.f;  // in [0.5, 2.5): the remainder by 1 as above
+  h = h - static_cast<float>(static_cast<int>(h));
   const float h6 = h * 6.f;
-  const float fi = floorf(h6);
-  const float f = h6 - fi;
-  int i = static_cast<int>(fi) % 6;
-  if (i < 0) i += 6;
-  const float sf = s * f;
-  const float p = clamp01(v * (1.f - s));
-  const float q = clamp01(v * (1.f - sf));
-  const float t = clamp01(v * (sf + (1.f - s)));
-  switch (i) {
-    case 0: *r = v; *g = t; *b = p; break;
-    case 1: *r = q; *g = v; *b = p; break;
-    case 2: *r = p; *g = v; *b = t; break;
-    case 3: *r = p; *g = q; *b = v; break;
-    case 4: *r = t; *g = p; *b = v; break;
-    default: *r = v; *g = p; *b = q; break;
-  }
+  *r = hsv_channel(5.f, h6, maxc, s);
+  *g = hsv_channel(3.f, h6, maxc, s);
+  *b = hsv_channel(1.f, h6, maxc, s);
 }
 
 // The per-pixel colour steps after the contrast mean is known: contrast, saturation, hue,
