@@ -277,3 +277,17 @@ def _set(rows, col, value):
     rows = rows.clone()
     rows[0, col] = value
     return rows
+
+
+def test_auto_backend_warns_when_the_extension_is_missing(monkeypatch):
+    """backend='auto' without a usable stellar._C uses the reference, but says so (never silently)."""
+    from stellar import _ext
+
+    monkeypatch.setattr(_ext, "is_available", lambda: False)
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8, generator=g)]
+    kw = dict(global_size=8, local_size=4, num_global=1, num_local=1, seed=1, rank=0)
+    with pytest.warns(RuntimeWarning, match="stellar._C is not usable"):
+        auto = MultiCrop(backend="auto", **kw)(images)
+    ref = MultiCrop(backend="reference", **kw)(images)
+    torch.testing.assert_close(auto["global_views"], ref["global_views"], rtol=0, atol=0)

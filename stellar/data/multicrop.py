@@ -3,9 +3,10 @@
 `MultiCrop` draws the crop rows of a batch on the CPU (`sample_multicrop_params`, a seeded
 generator offset by the rank), then makes every view of one output size with one call of the
 op on the images' device: one call for `image` + the global views, one for the local views.
-Where the op cannot run (no stellar._C built) it falls back to the plain PyTorch twin,
-`stellar.data.augment.apply_crops`, on the CPU.
+The plain PyTorch twin, `stellar.data.augment.apply_crops`, runs when asked for
+(backend="reference"), or under backend="auto" with a warning where stellar._C is missing.
 """
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -30,8 +31,9 @@ class MultiCrop:
     seed; the generator is seeded with `seed + rank` (torch.distributed's rank, or `rank`) so
     ranks draw different crops. dtype: output dtype (float32, bfloat16, float16).
     normalize: False (the default, as loaders need) leaves the views in [0, 1].
-    backend: "op" (the C++/CUDA op), "reference" (apply_crops, CPU) or "auto" (the op where
-    stellar._C loads, else the reference). color_kwargs go to `sample_crop_params`
+    backend: "op" (the default: the C++/CUDA op; a missing or stale build raises), "reference"
+    (apply_crops, CPU) or "auto" (the op where stellar._C loads, else the reference with a
+    warning that names why the build is missing: never a silent fallback). color_kwargs go to `sample_crop_params`
     (jitter_p, brightness, ..., blur_sigma).
     """
 
@@ -48,7 +50,7 @@ class MultiCrop:
         rank: Optional[int] = None,
         dtype: torch.dtype = torch.float32,
         normalize: bool = False,
-        backend: str = "auto",
+        backend: str = "op",
         **color_kwargs,
     ):
         for name, value in (("global_size", global_size), ("local_size", local_size)):
@@ -80,7 +82,18 @@ class MultiCrop:
         self.generator.set_state(state["generator"])
 
     def _use_op(self) -> bool:
-        return self.backend == "op" or (self.backend == "auto" and _ext.is_available())
+        if self.backend != "auto":
+            return self.backend == "op"
+        if _ext.is_available():
+            return True
+        if not getattr(self, "_warned", False):
+            self._warned = True
+            warnings.warn(
+                f"MultiCrop(backend='auto'): stellar._C is not usable ({_ext.extension_info()['error']}); "
+                "falling back to the PyTorch reference on the CPU (several times slower). Build the "
+                "extension with `pip install --no-build-isolation -e .`, or pass backend='reference' "
+                "to choose the reference knowingly.", RuntimeWarning, stacklevel=3)
+        return False
 
     def _views(self, hwc, rows, size) -> torch.Tensor:
         """hwc: list of uint8 Tensor[H, W, 3]; rows: Tensor[K, 12] -> Tensor[K, 3, size, size]."""
