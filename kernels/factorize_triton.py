@@ -28,9 +28,12 @@ The per-image [r, D] and [r, Dv] reductions are written as per-tile fp32 partial
 image when N <= BLOCK_N, the common case) and summed by the launcher. Bytes: read dZ and dense
 once, write d_dense once.
 
-In the interpreter (TRITON_INTERPRET=1, CPU tensors) `tl.dot` on bf16 operands is wrong, so the
-launchers set UPCAST and every dot runs on fp32 operands there; on the GPU 16-bit operands go to
-the tensor cores with fp32 accumulation and fp32 inputs use exact ("ieee") products.
+Precision: dots of two input tiles (x @ s^T, dZ @ V^T) run on the input dtype with fp32
+accumulation (tensor cores for 16-bit inputs); dots of an fp32 intermediate (L, dlogits) with an
+input tile keep the intermediate in fp32 and upcast the tile (3-pass TF32 on the GPU), which
+halves the bf16 error of Z and d_dense against rounding L and dlogits to bf16. In the interpreter
+(TRITON_INTERPRET=1, CPU tensors) `tl.dot` on bf16 operands is wrong, so UPCAST makes every dot
+take fp32 operands there.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ def _factorize_fwd_kernel(
     stride_qb, stride_qr, stride_qd,
     stride_vb, stride_vr, stride_vd,
     inv_temperature, eps,
-    WRITE_L: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_L: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -100,19 +103,14 @@ def _factorize_fwd_kernel(
     if WRITE_L:
         tl.store(L + row[:, None] * R + offs_r[None, :], probs.to(L.dtype.element_ty), mask=nr_mask)
 
-    # Z = L @ V, streamed over Dv; L is rounded to the values' dtype as the reference does.
-    probs_v = probs.to(SV.dtype.element_ty)
-    if UPCAST:
-        probs_v = probs_v.to(tl.float32)
+    # Z = L @ V, streamed over Dv, with L kept in fp32 (the values are exact in fp32).
     v_base = SV + b * stride_vb + offs_r[:, None] * stride_vr
     z_base = Z + row[:, None] * DV
     for e0 in range(0, DV, BLOCK_DV):
         offs_e = e0 + tl.arange(0, BLOCK_DV)
         mask_e = offs_e < DV
         v = tl.load(v_base + offs_e[None, :] * stride_vd, mask=mask_r[:, None] & mask_e[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        z = tl.dot(probs_v, v, input_precision=PRECISION)
+        z = tl.dot(probs, v.to(tl.float32), input_precision=MIX_PRECISION)
         tl.store(z_base + offs_e[None, :], z.to(Z.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
 
 
@@ -127,7 +125,7 @@ def _factorize_bwd_kernel(
     stride_zb, stride_zn, stride_zd,
     stride_lb, stride_ln, stride_lr,
     inv_temperature, eps,
-    HAS_DL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -151,9 +149,6 @@ def _factorize_bwd_kernel(
     # Pass over Dv: dL = dZ @ V^T, and this tile's share of dV = L^T @ dZ (padded rows of dZ
     # load as 0, so they add nothing).
     part = (b * n_tiles + pid_n) * R
-    probs_v = probs.to(SV.dtype.element_ty)
-    if UPCAST:
-        probs_v = probs_v.to(tl.float32)
     dprobs = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     dz_base = DZ + b * stride_zb + offs_n[:, None] * stride_zn
     v_base = SV + b * stride_vb + offs_r[:, None] * stride_vr
@@ -164,10 +159,10 @@ def _factorize_bwd_kernel(
         v = tl.load(v_base + offs_e[None, :] * stride_vd, mask=mask_r[:, None] & mask_e[None, :], other=0.0)
         dz = dz.to(SV.dtype.element_ty)
         if UPCAST:
-            dz = dz.to(tl.float32)
-            v = v.to(tl.float32)
-        dprobs = tl.dot(dz, tl.trans(v), dprobs, input_precision=PRECISION)
-        dv = tl.dot(tl.trans(probs_v), dz, input_precision=PRECISION)
+            dprobs = tl.dot(dz.to(tl.float32), tl.trans(v.to(tl.float32)), dprobs, input_precision=PRECISION)
+        else:
+            dprobs = tl.dot(dz, tl.trans(v), dprobs, input_precision=PRECISION)
+        dv = tl.dot(tl.trans(probs), dz.to(tl.float32), input_precision=MIX_PRECISION)
         tl.store(DV_PART + (part + offs_r[:, None]) * DV + offs_e[None, :], dv, mask=mask_r[:, None] & mask_e[None, :])
     if HAS_DL:
         dl_ptr = DL + b * stride_lb + offs_n[:, None] * stride_ln + offs_r[None, :] * stride_lr
@@ -183,12 +178,6 @@ def _factorize_bwd_kernel(
     proj = tl.where(inv_n * eps < 1.0, proj, 0.0)
     a = dc * inv_k[None, :]  # dq = a @ s
     bq = dc * inv_n[:, None]  # dk_hat = bq^T @ x
-    x_dtype = X.dtype.element_ty
-    a_op = a.to(SQ.dtype.element_ty)
-    bq_op = bq.to(x_dtype)
-    if UPCAST:
-        a_op = a_op.to(tl.float32)
-        bq_op = bq_op.to(tl.float32)
 
     # Pass over D: d_dense, and this tile's share of dk_hat.
     x_base = X + b * stride_xb + offs_n[:, None] * stride_xn
@@ -200,13 +189,10 @@ def _factorize_bwd_kernel(
         x = tl.load(x_base + offs_d[None, :] * stride_xd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         k = tl.load(q_base + offs_d[None, :] * stride_qd, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
         xf = x.to(tl.float32)
-        if UPCAST:
-            x = xf
-            k = k.to(tl.float32)
-        dq = tl.dot(a_op, k, input_precision=PRECISION)
+        dq = tl.dot(a, k.to(tl.float32), input_precision=MIX_PRECISION)
         dx = inv_n[:, None] * (dq - proj[:, None] * xf * inv_n[:, None])
         tl.store(dx_base + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
-        dk = tl.dot(tl.trans(bq_op), x, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(bq), xf, input_precision=MIX_PRECISION)
         tl.store(DK_PART + (part + offs_r[:, None]) * D + offs_d[None, :], dk, mask=mask_r[:, None] & mask_d[None, :])
 
 
@@ -239,9 +225,15 @@ def _blocks(N: int, R: int, D: int, DV: int, itemsize: int, max_block_n: int) ->
     return dict(BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
 
-def _launch_options(blocks: dict) -> dict:
+def _launch_options(blocks: dict, dtype: torch.dtype) -> dict:
+    """UPCAST: fp32 operands for the 16-bit dots (the interpreter's bf16 dot is wrong).
+    PRECISION: dots of two input-dtype tiles (exact products for fp32 inputs).
+    MIX_PRECISION: dots of an fp32 intermediate (L, dlogits) with an upcast input tile: 3-pass
+    TF32 on the GPU for 16-bit inputs (near-fp32, on tensor cores; STELLAR_FACTORIZE_MIX_PRECISION
+    overrides), exact for fp32 inputs and in the interpreter."""
     interpret = _interpreting()
-    options = dict(UPCAST=interpret, PRECISION="ieee")
+    mix = "ieee" if interpret or dtype == torch.float32 else os.environ.get("STELLAR_FACTORIZE_MIX_PRECISION", "tf32x3")
+    options = dict(UPCAST=interpret, PRECISION="ieee", MIX_PRECISION=mix)
     if not interpret:
         options["num_warps"] = 8 if blocks["BLOCK_N"] * max(blocks["BLOCK_R"], 32) >= 4096 else 4
     return options
@@ -292,7 +284,7 @@ def factorize_forward(
             N, R, D, DV,
             *dense.stride(), *sparse_q.stride(), *sparse_v.stride(),
             1.0 / temperature, eps,
-            WRITE_L=return_L, **blocks, **_launch_options(blocks),
+            WRITE_L=return_L, **blocks, **_launch_options(blocks, dense.dtype),
         )
 
     with _device_guard(dev):
@@ -332,7 +324,7 @@ def factorize_backward(
             N, R, D, DV,
             *dense.stride(), *sparse_q.stride(), *sparse_v.stride(), *dZ.stride(), *dl_strides,
             1.0 / temperature, eps,
-            HAS_DL=has_dl, **blocks, **_launch_options(blocks),
+            HAS_DL=has_dl, **blocks, **_launch_options(blocks, dense.dtype),
         )
         return n_tiles, dv_part, dk_part
 
