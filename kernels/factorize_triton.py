@@ -45,8 +45,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_RANK = 128
-
 # ----------------------------------------------------------------------------- tier 1: kernels
 
 
