@@ -3,8 +3,8 @@
     save_concept_maps(model, images, "maps.png")
 
 One row per image: the image, then its r concept maps (column j = L[:, j] on the h x w grid,
-upsampled to the tile, coloured and laid over the greyscale image). Each map is scaled by its
-own maximum; the maximum itself (how strongly concept j appears anywhere) is written under it.
+upsampled to the tile, coloured and laid over the greyscale image). Colours show L's own values
+in [0, 1] (a concept absent from the image stays dark); its peak max_n L[n, j] is written under it.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def render_concept_maps(images: Tensor, maps: Tensor, tile: int = 96, gap: int =
         sheet.paste(_to_pil(pics[b].permute(1, 2, 0)), (gap, y))
         for j in range(r):
             peak = maps[b, j].max().item()
-            heat = colormap(up[b, j] / max(peak, 1e-8))                       # tile x tile x 3
+            heat = colormap(up[b, j])                                          # tile x tile x 3
             blend = 0.7 * heat + 0.3 * grey[b].unsqueeze(-1)
             x = gap + (1 + j) * (tile + gap)
             sheet.paste(_to_pil(blend), (x, y))
