@@ -84,7 +84,7 @@ STELLAR_HD float gray_of(float r, float g, float b) {
 
 // One channel of HSV -> RGB: v - v s max(0, min(k, 4 - k, 1)), k = (n + 6 h) mod 6 with
 // n = 5, 3, 1 for r, g, b; equal to torchvision's sector table of p, q, t (all in [0, 1] here,
-// so its clamps are inactive). Branch-free so the CPU loop vectorizes.
+// so its clamps are inactive). Branch-free; the CPU body runs a four-lane twin (shift_hue4).
 STELLAR_HD float hsv_channel(float n, float h6, float v, float s) {
   float k = n + h6;                      // in [1, 12)
   k -= 6.f * static_cast<float>(k >= 6.f);
