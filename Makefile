@@ -26,7 +26,7 @@ test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks -q --benchmark-only
+	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks/bench_*.py -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

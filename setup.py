@@ -167,7 +167,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["stellar", "stellar.*"]) + ["stellar.kernels"],
     package_dir={"stellar.kernels": "kernels"},
-    package_data={"stellar": ["configs/*.yaml"]},
+    package_data={"stellar": ["train/*.yaml"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "torchvision>=0.26,<0.30",
