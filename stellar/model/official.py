@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from stellar.model.stellar import Stellar
+from stellar.model.weights import read_state_dict
 
 __all__ = ["load_official", "convert_official", "HEADS_BY_WIDTH", "IGNORED_PREFIXES"]
 
@@ -64,14 +65,7 @@ _DIRECT = {
 
 def _read(state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike) -> dict[str, Tensor]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        path = os.fspath(state_dict_or_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"state_dict_or_path: no checkpoint file at {path!r}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_state_dict(state_dict_or_path, "state_dict_or_path")
     else:
         sd = state_dict_or_path
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stellar.model.weights import read_state_dict
+
 __all__ = ["VQGANResidualBlock", "VQGANEncoder", "VQGANTokenizer", "nearest_code"]
 
 
@@ -240,18 +242,7 @@ class VQGANTokenizer(nn.Module):
     def from_file(cls, path: str | os.PathLike, resize_to: int | None = None) -> "VQGANTokenizer":
         """Load released weights from a local ``.safetensors`` file or a torch file (``.bin``,
         ``.pt``, ``.pth``, read with ``weights_only=True``). Never touches the network."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path: no tokenizer weights at {path!r}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-                sd = sd["state_dict"]
-        if not isinstance(sd, Mapping):
-            raise ValueError(f"path: {path!r} does not hold a state dict")
+        sd = read_state_dict(path, "path")
         return cls.from_state_dict(sd, resize_to=resize_to)
 
     def extra_repr(self) -> str:
