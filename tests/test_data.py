@@ -9,7 +9,7 @@ from PIL import Image
 
 from stellar.data import augment
 from stellar.data.folder import ImageFolderDataset, decode_image
-from stellar.data.shapes import KINDS, default_root, ensure_shapes_dataset, mask_path, render_sample
+from stellar.data.shapes import KINDS, VERSION, default_root, ensure_shapes_dataset, mask_path, render_sample
 
 
 def _rgb(rng, h, w):
@@ -141,6 +141,11 @@ def test_shapes_layout_and_determinism(tmp_path):
             counts = np.bincount(mask.ravel(), minlength=len(KINDS) + 1)
             # the labelled kind is the largest shape: most pixels of the mask
             assert counts[kind + 1] > 0 and counts[1:].argmax() == kind, (path, counts)
+            # grey images, light shapes over a darker background (colour is no cue to the label)
+            pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
+            assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() < 40, path
+            luma = pixels.mean(axis=2)
+            assert luma[mask == kind + 1].mean() > luma[mask == 0].mean() + 60, path
     # other splits and seeds give other images
     assert not np.array_equal(np.asarray(render_sample(0, "train", 0, 64)[0]), np.asarray(render_sample(0, "val", 0, 64)[0]))
     assert not np.array_equal(np.asarray(render_sample(0, "train", 0, 64)[0]), np.asarray(render_sample(1, "train", 0, 64)[0]))
@@ -157,4 +162,4 @@ def test_shapes_cached_and_checked(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="n_train"):
         ensure_shapes_dataset(tmp_path / "t", n_train=0)
     monkeypatch.setenv("STELLAR_DATA", str(tmp_path / "cache"))
-    assert default_root() == tmp_path / "cache" / "shapes-v1"
+    assert default_root() == tmp_path / "cache" / VERSION

@@ -13,10 +13,14 @@ The masks sit in a parallel tree (`mask_path` maps an image to its mask) rather 
 image folders, so that any ImageFolder reader (ours, torchvision's, DALI's file reader) sees
 only the images under ROOT/train and ROOT/val.
 
-Each image holds one main shape (the largest, its kind is the label) and 1-3 smaller
-distractor shapes of any kind, in random colours, sizes, positions and rotations. Every image is
-a pure function of (seed, split, index), so the tree is the same wherever it is generated.
-The default ROOT is $STELLAR_DATA/shapes-v1, or ~/.cache/stellar/shapes-v1.
+Each image holds one main shape (the largest, its kind is the label; radius 30-42 % of the
+image) and 0-2 much smaller distractor shapes of any kind, at random sizes, positions and
+rotations. Shapes are light grey over a darker, low-contrast textured background: colour and
+brightness vary little from image to image on purpose. A short self-supervised run learns the
+strongest cue shared by the views of an image; with random saturated colours (shapes-v1) that
+cue was colour, and kNN on the shape label stayed at chance, whereas here it is the silhouette.
+Every image is a pure function of (seed, split, index), so the tree is the same wherever it is
+generated. The default ROOT is $STELLAR_DATA/shapes-v2, or ~/.cache/stellar/shapes-v2.
 """
 import json
 import math
@@ -29,9 +33,18 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "shapes-v1"
+VERSION = "shapes-v2"
 KINDS = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "arrow")
 SPLITS = ("train", "val")
+# Grey levels (0-255): shapes are drawn in SHAPE_GREY, the background's mean is drawn from
+# BACKGROUND_GREY and its texture keeps TEXTURE_CONTRAST of _texture's contrast.
+SHAPE_GREY = (200.0, 255.0)
+BACKGROUND_GREY = (50.0, 90.0)
+TEXTURE_CONTRAST = 0.3
+MAIN_RADIUS = (0.3, 0.42)         # fraction of the image size
+DISTRACTOR_RADIUS = (0.2, 0.4)    # fraction of the main shape's radius
+MAX_DISTRACTORS = 2
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def mask_path(image_path: Union[str, Path]) -> Path:
@@ -41,7 +54,7 @@ def mask_path(image_path: Union[str, Path]) -> Path:
 
 
 def default_root() -> Path:
-    """$STELLAR_DATA/shapes-v1 when STELLAR_DATA is set, else ~/.cache/stellar/shapes-v1."""
+    """$STELLAR_DATA/<VERSION> when STELLAR_DATA is set, else ~/.cache/stellar/<VERSION>."""
     base = os.environ.get("STELLAR_DATA")
     base = Path(base) if base else Path.home() / ".cache" / "stellar"
     return base / VERSION
@@ -86,8 +99,8 @@ def _shape_mask(kind, cx, cy, radius, angle, size):
     return mask
 
 
-def _background(rng, size):
-    """Textured background: uint8 [size, size, 3] from one of four texture families."""
+def _texture(rng, size):
+    """A coloured texture: uint8 [size, size, 3] from one of four texture families."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base = rng.uniform(0.15, 0.85, size=3).astype(np.float32)
     other = np.clip(base + rng.uniform(-0.35, 0.35, size=3), 0, 1).astype(np.float32)
@@ -111,14 +124,11 @@ def _background(rng, size):
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _colour(rng):
-    """A saturated random RGB colour (tuple of ints)."""
-    h, s, v = rng.uniform(0, 1), rng.uniform(0.5, 1), rng.uniform(0.45, 1)
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return tuple(int(round(255 * c)) for c in rgb)
+def _background(rng, size):
+    """The grey background: _texture's luma at TEXTURE_CONTRAST around a mean drawn from
+    BACKGROUND_GREY. float32 [size, size] in 0-255."""
+    luma = _texture(rng, size).astype(np.float32) @ LUMA
+    return rng.uniform(*BACKGROUND_GREY) + TEXTURE_CONTRAST * (luma - luma.mean())
 
 
 def render_sample(seed: int, split: str, index: int, size: int = 128):
@@ -129,25 +139,27 @@ def render_sample(seed: int, split: str, index: int, size: int = 128):
     """
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
     label = index % len(KINDS)
-    image = Image.fromarray(_background(rng, size))
+    grey = _background(rng, size)
     labels = Image.new("L", (size, size), 0)
 
-    main_r = rng.uniform(0.2, 0.34) * size
+    main_r = rng.uniform(*MAIN_RADIUS) * size
     main = (KINDS[label], *rng.uniform(main_r * 0.9, size - main_r * 0.9, size=2), main_r)
     distractors = []
-    for _ in range(int(rng.integers(1, 4))):
-        # radius at most half the main one: smaller in area whatever the two kinds are
-        r = rng.uniform(0.25, 0.5) * main_r
+    for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+        # radius at most 0.4 of the main one: smaller in area whatever the two kinds are
+        r = rng.uniform(*DISTRACTOR_RADIUS) * main_r
         distractors.append((KINDS[int(rng.integers(len(KINDS)))], *rng.uniform(0, size, size=2), r))
-    on_top = len(distractors) if rng.uniform() < 0.7 else len(distractors) - 1
+    on_top = len(distractors) if rng.uniform() < 0.7 else max(len(distractors) - 1, 0)
     order = distractors[:on_top] + [main] + distractors[on_top:]
 
     for kind, cx, cy, r in order:
         mask = _shape_mask(kind, float(cx), float(cy), float(r), float(rng.uniform(0, 2 * math.pi)), size)
-        image.paste(_colour(rng), (0, 0), mask)
+        inside = np.asarray(mask) > 0
+        grey[inside] = rng.uniform(*SHAPE_GREY)
         labels.paste(KINDS.index(kind) + 1, (0, 0), mask)
+    image = np.repeat(grey[..., None], 3, axis=2)
     noise = rng.normal(0, 4, size=(size, size, 3))
-    image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8))
     return image, labels, label
 
 
