@@ -43,6 +43,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from stellar.constants import IMAGENET_MEAN, IMAGENET_STD
+
 COLS = (
     "image_index",
     "y0",
@@ -63,8 +65,6 @@ NUM_COLS = len(COLS)
 )
 
 BLUR_KERNEL = 9
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 

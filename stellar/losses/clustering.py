@@ -11,14 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["sinkhorn_knopp", "soft_cross_entropy", "ClusteringLoss"]
+from stellar.losses._dtype import upcast
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+__all__ = ["sinkhorn_knopp", "soft_cross_entropy"]
 
 
 def _check_2d(name: str, x: Tensor) -> None:
@@ -36,18 +33,28 @@ def _distributed() -> bool:
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, temperature: float = 0.06, iterations: int = 3,
                    eps: float = 1e-8) -> Tensor:
-    """Balanced soft assignments of rows to prototypes.
+    """Balanced soft assignments of rows to prototypes, exactly as the public implementation.
 
     logits: Tensor[M, C] (M rows of this rank, C prototypes). Returns targets: Tensor[M, C]
     in float32 (float64 for float64 logits), each row summing to 1 (the last step is the row
     normalisation), columns approximately balanced (each about M_total / C). No gradient.
 
-    With ``torch.distributed`` initialized the column sums (and the max used for the shift)
-    are all-reduced, so the M rows of all ranks are balanced together.
+    The formula (STELLAR.md section 4), with S = logits / temperature:
 
-    The max-shift is one scalar for the whole (global) matrix: a constant factor cancels
-    exactly in the first column normalisation, so the result equals the unshifted formula.
-    (A per-row shift would not cancel after only 3 iterations.)
+        shift_c = max over all rows (of all ranks) of S[:, c]               1 x C
+        Q       = exp(S - shift + 50)          (+ 0 instead of + 50 for float16 logits)
+        repeat `iterations` times:
+            Q /= (column sums over all rows of all ranks + eps)             1 x C
+            Q /= (row sums + eps)                                           M x 1
+
+    The shift is per column: a per-column factor cancels exactly in the first column
+    normalisation, and after it every column sum is at least e^50, so eps never matters. (A
+    single global shift does not cancel: a prototype whose best score lies more than
+    ln(1 / eps) ~ 18.4 below the global maximum would get a column sum below eps and stay
+    nearly unnormalised -- at the head's real scale, most prototypes.)
+
+    With ``torch.distributed`` initialized the column maxima (MAX) and the column sums (SUM)
+    are all-reduced, so the M rows of all ranks are balanced together.
     """
     _check_2d("logits", logits)
     if temperature <= 0:
@@ -55,18 +62,19 @@ def sinkhorn_knopp(logits: Tensor, temperature: float = 0.06, iterations: int = 
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     distributed = _distributed()
+    offset = 0.0 if logits.dtype == torch.float16 else 50.0
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = _upcast(logits) / temperature                      # M x C
-        shift = scores.max()                                       # scalar
+        scores = upcast(logits) / temperature                         # M x C
+        shift = scores.amax(dim=0, keepdim=True)                       # 1 x C: per-column max
         if distributed:
-            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-        Q = torch.exp(scores - shift)                              # M x C, entries in (0, 1]
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)               # ... over all ranks' rows
+        Q = torch.exp(scores - shift + offset)                         # M x C, column max e^offset
         for _ in range(iterations):
-            col = Q.sum(dim=0, keepdim=True)                       # 1 x C, over all rows
+            col = Q.sum(dim=0, keepdim=True)                           # 1 x C, over all rows
             if distributed:
-                dist.all_reduce(col)                               # ... of all ranks
+                dist.all_reduce(col)                                   # ... of all ranks
             Q = Q / (col + eps)
-            Q = Q / (Q.sum(dim=1, keepdim=True) + eps)             # M x 1: each row sums to 1
+            Q = Q / (Q.sum(dim=1, keepdim=True) + eps)                 # M x 1: each row sums to 1
     return Q
 
 
@@ -87,33 +95,7 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 0.1
     if logits.numel() == 0:
         raise ValueError("logits must not be empty")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logp = F.log_softmax(_upcast(logits).flatten(0, -2) / temperature, dim=-1)  # M x C
+        logp = F.log_softmax(upcast(logits).flatten(0, -2) / temperature, dim=-1)  # M x C
         t = targets.detach().to(logp.dtype).flatten(0, -2)                                 # M x C
         return -(t * logp).sum(dim=-1).mean()
 
-
-class ClusteringLoss(nn.Module):
-    """Self-targeted clustering loss: soft CE against Sinkhorn-Knopp targets of the same logits.
-
-    forward(logits: Tensor[M, C]) -> (loss scalar, targets Tensor[M, C]); the targets are
-    returned so that other views can be trained against them (mask_loss, cls_loss).
-    """
-
-    def __init__(self, target_temperature: float = 0.06, student_temperature: float = 0.12,
-                 iterations: int = 3, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.target_temperature = target_temperature
-        self.student_temperature = student_temperature
-        self.iterations = iterations
-        self.eps = eps
-
-    def targets(self, logits: Tensor) -> Tensor:
-        return sinkhorn_knopp(logits, self.target_temperature, self.iterations, self.eps)
-
-    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        t = self.targets(logits)
-        return soft_cross_entropy(logits, t, self.student_temperature), t
-
-    def extra_repr(self) -> str:
-        return (f"target_temperature={self.target_temperature}, "
-                f"student_temperature={self.student_temperature}, iterations={self.iterations}")

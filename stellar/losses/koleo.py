@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["koleo_loss", "KoLeoLoss"]
+from stellar.losses._dtype import upcast
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+__all__ = ["koleo_loss"]
 
 
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -28,7 +25,7 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
         raise ValueError(f"x must hold r >= 2 tokens per image for a nearest neighbour, "
                          f"got r={x.shape[1]}")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = F.normalize(_upcast(x), dim=-1, eps=eps)                     # B x r x D
+        x = F.normalize(upcast(x), dim=-1, eps=eps)                     # B x r x D
         with torch.no_grad():
             dots = x @ x.transpose(1, 2)                                # B x r x r
             dots.diagonal(dim1=1, dim2=2).fill_(-float("inf"))          # exclude self
@@ -37,13 +34,3 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
         dist = torch.linalg.vector_norm(x - neighbour, dim=-1)         # B x r
         return -torch.log(0.5 * dist + eps).mean()
 
-
-class KoLeoLoss(nn.Module):
-    """Module form of :func:`koleo_loss`: forward(x: Tensor[B, r, D]) -> scalar."""
-
-    def __init__(self, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return koleo_loss(x, self.eps)

@@ -11,12 +11,9 @@ import math
 import torch
 from torch import Tensor
 
+from stellar.losses._dtype import upcast
+
 __all__ = ["transport_plan", "match_tokens"]
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check(pred: Tensor, target: Tensor) -> None:
@@ -47,7 +44,7 @@ def transport_plan(pred: Tensor, target: Tensor, epsilon: float = 0.1,
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        C = torch.cdist(_upcast(pred), _upcast(target),               # B x r x r'
+        C = torch.cdist(upcast(pred), upcast(target),               # B x r x r'
                         compute_mode="donot_use_mm_for_euclid_dist")   # exact, r is small
         B, r, rt = C.shape
         log_a = -math.log(r)                                           # uniform row marginal

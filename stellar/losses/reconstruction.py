@@ -5,12 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stellar.losses._dtype import upcast
+
 __all__ = ["pixel_loss", "token_loss"]
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """x in float32, or float64 if it already is (fp16/bf16 are computed in float32)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -25,7 +22,7 @@ def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
         ts = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"pred and target must have the same shape, got pred {ps} and target {ts}")
     with torch.autocast(device_type=pred.device.type, enabled=False):
-        pred = _upcast(pred)
+        pred = upcast(pred)
         return F.mse_loss(pred, target.detach().to(pred.dtype))
 
 
@@ -48,4 +45,4 @@ def token_loss(logits: Tensor, codes: Tensor) -> Tensor:
         raise ValueError(f"codes must be a Tensor[B, N] = [{B}, {N}] matching logits, "
                          f"got {tuple(codes.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.cross_entropy(_upcast(logits).reshape(B * N, V), codes.reshape(B * N).long())
+        return F.cross_entropy(upcast(logits).reshape(B * N, V), codes.reshape(B * N).long())

@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from stellar.constants import IMAGENET_MEAN, IMAGENET_STD
 from stellar.nn.vit import VisionTransformer
 
 __all__ = ["SparseTokenEncoder", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SparseTokenEncoder(nn.Module):
