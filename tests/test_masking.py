@@ -11,22 +11,26 @@ def keep_mask(keep, N):
 
 
 @pytest.mark.parametrize("grid", [(14, 14), (6, 6), (5, 7), (1, 5)])
-@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("mask_ratio", [0.8, 0.5, 0.25, 0.0])
 @pytest.mark.parametrize("focal", [None, "gaussian", "block"])
-def test_keeps_exactly_int_n_ratio_distinct_sorted(grid, ratio, focal, gen):
+def test_keeps_exactly_int_n_1_minus_ratio_distinct_sorted(grid, mask_ratio, focal, gen):
     h, w = grid
     N = h * w
-    if int(N * ratio) < 1:
+    if int(N * (1 - mask_ratio)) < 1:
         pytest.skip("keeps nothing")
-    keep = sample_keep_indices(9, h, w, keep_ratio=ratio, focal=focal, focal_prob=0.5, generator=gen)
-    assert keep.dtype == torch.int64 and keep.shape == (9, int(N * ratio))
+    keep = sample_keep_indices(9, h, w, mask_ratio=mask_ratio, focal=focal, focal_prob=0.5, generator=gen)
+    assert keep.dtype == torch.int64 and keep.shape == (9, int(N * (1 - mask_ratio)))
     assert (keep >= 0).all() and (keep < N).all()
     assert (keep[:, 1:] > keep[:, :-1]).all()               # sorted, hence distinct
 
 
-def test_default_is_39_of_196(gen):
+def test_default_counts_are_the_public_codes(gen):
+    """int(N * (1 - 0.8)): 1 - 0.8 is 0.19999999999999996, so grids whose N * 0.2 is an integer
+    keep one patch fewer than int(N * 0.2) would (10x10: 19, 15x15: 44, 20x20: 79)."""
     assert sample_keep_indices(2, 14, 14, generator=gen).shape == (2, 39)
-    assert num_keep(196, 0.2) == 39 and num_keep(36, 0.2) == 7
+    expected = {196: 39, 36: 7, 100: 19, 225: 44, 400: 79, 256: 51}
+    assert {n: num_keep(n, 0.8) for n in expected} == expected
+    assert sample_keep_indices(2, 10, 10, generator=gen).shape == (2, 19)
 
 
 def test_same_generator_seed_same_masks_and_device_argument():
@@ -39,7 +43,7 @@ def test_same_generator_seed_same_masks_and_device_argument():
 
 
 def test_views_differ_and_cover_the_grid_uniformly(gen):
-    keep = sample_keep_indices(400, 6, 6, keep_ratio=0.5, generator=gen)
+    keep = sample_keep_indices(400, 6, 6, mask_ratio=0.5, generator=gen)
     assert len({tuple(k.tolist()) for k in keep}) > 390
     freq = keep_mask(keep, 36).float().mean(0)               # each patch kept ~half of the time
     assert (freq - 0.5).abs().max() < 0.12
@@ -76,6 +80,20 @@ def test_gaussian_variant_concentrates_kept_patches(gen):
     assert (d2 < 9).double().mean() > 1.5 * (d2_u < 9).double().mean()
 
 
+def test_gaussian_centre_is_a_grid_cell():
+    """The blob's centre is an integer cell: with a tiny sigma the kept patches of a view whose
+    focal bias applies all sit in the centre cell's neighbourhood, and the most-kept patch over
+    many single-patch views is exactly a cell (the bias peaks at 1 there)."""
+    gen = torch.Generator().manual_seed(0)
+    from stellar.model import masking
+
+    bias = masking._gaussian_bias(500, 7, 9, gen, "cpu")                     # 500 x 63
+    peak = bias.max(dim=1).values
+    torch.testing.assert_close(peak, torch.ones(500))                         # exp(0) at the centre cell
+    centres = bias.argmax(dim=1)
+    assert len(set(centres.tolist())) > 50                                    # centres spread over the grid
+
+
 def _contains_square(mask_2d, side):
     h, w = mask_2d.shape
     return any(bool(mask_2d[i:i + side, j:j + side].all())
@@ -91,14 +109,14 @@ def test_block_variant_keeps_a_square_block_and_fills_up(gen):
 
 
 def test_block_variant_exact_square_when_n_keep_is_a_square(gen):
-    keep = sample_keep_indices(10, 6, 6, keep_ratio=0.25, focal="block", focal_prob=1.0, generator=gen)  # 9
+    keep = sample_keep_indices(10, 6, 6, mask_ratio=0.75, focal="block", focal_prob=1.0, generator=gen)  # 9
     for m in keep_mask(keep, 36).view(10, 6, 6):
         rows, cols = m.nonzero(as_tuple=True)
         assert m.sum() == 9 and rows.max() - rows.min() == 2 and cols.max() - cols.min() == 2
 
 
 def test_block_side_is_capped_by_a_thin_grid(gen):
-    keep = sample_keep_indices(5, 2, 10, keep_ratio=0.5, focal="block", focal_prob=1.0, generator=gen)  # 10 of 20
+    keep = sample_keep_indices(5, 2, 10, mask_ratio=0.5, focal="block", focal_prob=1.0, generator=gen)  # 10 of 20
     masks = keep_mask(keep, 20).view(5, 2, 10)
     assert keep.shape == (5, 10) and all(_contains_square(m, 2) for m in masks)
 
@@ -106,7 +124,7 @@ def test_block_side_is_capped_by_a_thin_grid(gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gather_patches_matches_loop(dtype, gen):
     x = torch.randn(3, 10, 4, generator=gen).to(dtype)
-    keep = sample_keep_indices(3, 2, 5, keep_ratio=0.4, generator=gen)
+    keep = sample_keep_indices(3, 2, 5, mask_ratio=0.6, generator=gen)
     got = gather_patches(x, keep)
     ref = torch.stack([torch.stack([x[b, int(k)] for k in keep[b]]) for b in range(3)])
     assert got.dtype == dtype and torch.equal(got, ref)
@@ -116,10 +134,12 @@ def test_gather_patches_matches_loop(dtype, gen):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="keep_ratio"):
-        sample_keep_indices(2, 4, 4, keep_ratio=0.0)
-    with pytest.raises(ValueError, match="keep_ratio"):
-        sample_keep_indices(2, 2, 2, keep_ratio=0.2)                  # int(4 * 0.2) = 0
+    with pytest.raises(ValueError, match="mask_ratio"):
+        sample_keep_indices(2, 4, 4, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        sample_keep_indices(2, 4, 4, mask_ratio=-0.1)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        sample_keep_indices(2, 2, 2, mask_ratio=0.8)                  # int(4 * 0.2) = 0
     with pytest.raises(ValueError, match="focal"):
         sample_keep_indices(2, 4, 4, focal="ring")
     with pytest.raises(ValueError, match="focal_prob"):

@@ -35,7 +35,7 @@ from stellar.losses.reconstruction import pixel_loss, token_loss
 from stellar.model.decoder import HEADS, Decoder
 from stellar.model.encoder import SparseTokenEncoder
 from stellar.model.heads import ClusteringHead
-from stellar.model.masking import sample_keep_indices
+from stellar.model.masking import num_keep, sample_keep_indices
 from stellar.nn.factorization import SpatialSemanticFactorization
 from stellar.nn.vit import VisionTransformer, vit_preset
 
@@ -61,7 +61,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
                 "tokenizer": None},
     "clustering": {"hidden": 2048, "bottleneck": 256, "prototypes": 16384, "sk_temperature": 0.06,
                    "sk_iterations": 3, "ce_temperature": 0.12},
-    "masking": {"keep_ratio": 0.2, "focal": "gaussian", "focal_prob": 0.5},
+    "masking": {"mask_ratio": 0.8, "focal": "gaussian", "focal_prob": 0.5},
     "loss": {"w_rec": None, "w_koleo": 0.1, "ot_epsilon": 0.1, "ot_iterations": 5},
     "ema": {"enabled": False, "momentum": 0.996},
 }
@@ -76,6 +76,10 @@ def resolve_config(cfg: dict | None = None) -> dict[str, Any]:
     if cfg is not None and not isinstance(cfg, Mapping):
         raise ValueError(f"cfg must be a mapping (the `model:` config section), got {type(cfg).__name__}")
     cfg = {} if cfg is None else dict(cfg)
+    if isinstance(cfg.get("masking"), Mapping) and "keep_ratio" in cfg["masking"]:
+        raise ValueError("model.masking.keep_ratio was replaced by model.masking.mask_ratio (the public "
+                         "code's parameter: a view keeps int(N * (1 - mask_ratio)) patches); set "
+                         f"mask_ratio={1 - cfg['masking']['keep_ratio']:g} instead")
     unknown = [k for k in cfg if k not in DEFAULT_CONFIG]
     out = copy.deepcopy(DEFAULT_CONFIG)
     for section in _SECTIONS:
@@ -167,7 +171,10 @@ class Stellar(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """batch: image [B,3,S,S] in [0,1], global_views [B,G,3,S,S], local_views [B,Lc,3,s,s]
-        (G, Lc >= 0; either may be absent). Returns {"loss", "losses", "features"}.
+        (G, Lc >= 0; either may be absent), and optionally keep LongTensor[B,G,n_keep]: the
+        sorted patch indices each masked view keeps (the loaders draw them per sample, so the
+        step holds no randomness of its own; without it the model draws them here with the
+        global generator, ``model.masking``). Returns {"loss", "losses", "features"}.
         """
         image = _check_images("batch['image']", batch.get("image"), 4)
         B = image.shape[0]
@@ -211,9 +218,7 @@ class Stellar(nn.Module):
         if G:
             flat = views.flatten(0, 1)                                                 # B*G x 3 x S x S
             gh, gw = self.encoder.grid(flat)
-            mc = self.cfg["masking"]
-            keep = sample_keep_indices(B * G, gh, gw, mc["keep_ratio"], mc["focal"], mc["focal_prob"],
-                                       device=flat.device)
+            keep = self._keep_indices(batch.get("keep"), B, G, gh, gw, flat.device)     # B*G x n_keep
             cls_m, _, sparse_m = self.encoder(flat, keep=keep)
             koleo = koleo + koleo_loss(sparse_m)
             tgt = sparse_tgt.repeat_interleave(G, dim=0)                               # B*G x r x D
@@ -235,6 +240,26 @@ class Stellar(nn.Module):
         features = {"cls": cls, "dense": dense, "sparse": sparse, "L": L,
                     "peak": L.detach().amax(dim=1), "recon": recon_out}
         return {"loss": total, "losses": {k: v.detach() for k, v in losses.items()}, "features": features}
+
+    def _keep_indices(self, keep: Tensor | None, B: int, G: int, gh: int, gw: int,
+                      device: torch.device) -> Tensor:
+        """The masked views' kept patches, LongTensor[B*G, n_keep]: batch['keep'] checked, or drawn."""
+        mc = self.cfg["masking"]
+        n_keep = num_keep(gh * gw, mc["mask_ratio"])
+        if keep is None:
+            return sample_keep_indices(B * G, gh, gw, mc["mask_ratio"], mc["focal"], mc["focal_prob"],
+                                       device=device)
+        if (not isinstance(keep, Tensor) or keep.dtype != torch.int64
+                or tuple(keep.shape) != (B, G, n_keep)):
+            got = (keep.dtype, tuple(keep.shape)) if isinstance(keep, Tensor) else type(keep).__name__
+            raise ValueError(f"batch['keep'] must be a LongTensor[B={B}, G={G}, n_keep={n_keep}] of patch "
+                             f"indices (n_keep = int(N * (1 - mask_ratio)) for a {gh}x{gw} grid at "
+                             f"model.masking.mask_ratio={mc['mask_ratio']}), got {got}")
+        if keep.device.type == "cpu" and keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= gh * gw):
+            # (checked where it costs no device synchronisation: loaders hand the indices over on the CPU)
+            raise ValueError(f"batch['keep'] holds patch indices outside [0, {gh * gw}), "
+                             f"got [{int(keep.min())}, {int(keep.max())}]")
+        return keep.flatten(0, 1).to(device, non_blocking=True)
 
     def _recon_loss(self, out: Tensor, image: Tensor, grid: tuple[int, int]) -> Tensor:
         if self.decoder.head_kind == "pixels":
