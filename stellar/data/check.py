@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from stellar.data import decode as _decode
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 BAD_LIST_NAME = ".stellar_bad_files.txt"
 
@@ -49,26 +51,13 @@ def find_images(root) -> list[Path]:
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """Decode encoded image bytes to RGB on the CPU.
+    """Decode encoded image bytes to RGB on the CPU: `stellar.data.decode.decode_bytes_torchvision`.
 
-    data: uint8 Tensor[n] (a file's bytes). Returns uint8 Tensor[3, H, W]; grayscale, CMYK,
-    palette and alpha images come out as 3-channel RGB. Raises on an undecodable image.
-    JPEG, PNG, WebP and GIF go through torchvision (libjpeg-turbo, libpng: what DALI's CPU
-    decoder also uses), other formats through PIL.
+    data: uint8 Tensor[n] (a file's bytes). Returns uint8 Tensor[3, H, W] RGB, upright, as the
+    reference decode gives it (16-bit -> 8-bit, every mode -> RGB, EXIF orientation); the bytes
+    are screened before libpng sees them. Raises DecodeError on an undecodable image.
     """
-    from torchvision.io import ImageReadMode, decode_image
-
-    head = bytes(data[:12].tolist())
-    if head.startswith((_JPEG_MAGIC, _PNG_MAGIC, b"GIF8")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return decode_image(data, mode=ImageReadMode.RGB)
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    return _decode.decode_bytes_torchvision(data)
 
 
 def check_file(path, full: bool = False) -> str | None:

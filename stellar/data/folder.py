@@ -3,9 +3,8 @@
 `ImageFolderDataset(root, split=None)` reads `root[/split]/<class>/*.jpg|png|...` (class
 subfolders optional: files directly under the folder get label 0 when there are no class
 subfolders, and class subfolders are labelled in sorted order). Every image comes out as uint8 RGB
-`Tensor[3, H, W]`: grayscale, LA, palette, RGBA (alpha dropped), 16-bit and 32-bit integer
-grayscale (scaled from 0..65535), float, CMYK and YCbCr images are converted; EXIF orientation
-is applied. A file that cannot be decoded (corrupt, truncated, not an image) is skipped: the
+`Tensor[3, H, W]` by the reference decode, `stellar.data.decode.decode_file` (every mode to
+8-bit RGB, 16-bit samples by their high byte, EXIF orientation applied: see there). A file that cannot be decoded (corrupt, truncated, not an image) is skipped: the
 next index (cyclically) is loaded in its place, and its path is recorded.
 
 DataLoader workers are separate processes, so the record kept in a worker never reaches the
@@ -16,36 +15,19 @@ process saw.
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from stellar.data import decode as _decode
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 def decode_image(path: Union[str, Path]) -> torch.Tensor:
-    """Decode one file to uint8 RGB Tensor[3, H, W]; raises on a corrupt or truncated file."""
-    with Image.open(path) as img:
-        img.load()  # decodes fully: truncated data raises here
-        img = ImageOps.exif_transpose(img)
-        mode = img.mode
-        if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            # 16-bit grayscale PNGs open as I or I;16: scale 0..65535 to 0..255 (convert() clips)
-            arr = np.asarray(img).astype(np.float64)
-            arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        elif mode == "F":
-            arr = np.asarray(img, dtype=np.float64)
-            scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
-            arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).round().astype(np.uint8)
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        else:
-            if mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise OSError(f"decoded an empty image from {path}")
-    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    """Decode one file to uint8 RGB Tensor[3, H, W]; raises DecodeError (an OSError) on a bad file.
+
+    The reference decode, `stellar.data.decode.decode_file` (modes, 16-bit, EXIF: see there).
+    """
+    return _decode.decode_file(path)
 
 
 def list_images(folder: Path, exts: Sequence[str]) -> Tuple[List[Path], List[int], List[str]]:
