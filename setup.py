@@ -160,6 +160,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+EVAL_REQUIRES = ["torchmetrics>=1.6,<2", "torch-fidelity>=0.3,<0.5", "lpips>=0.1.4,<0.2", "scipy>=1.10",
+                 "matplotlib>=3.7,<4"]
+
 setup(
     name="stellar",
     version="0.1.0",
@@ -179,7 +182,13 @@ setup(
         "tensorboard>=2.12",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ninja"],
+        # `stellar eval recon` (PSNR, SSIM, LPIPS, rFID: maintained implementations fed local weight
+        # files, nothing downloaded) and `stellar plot` (matplotlib).
+        "eval": EVAL_REQUIRES,
+        # The tests run the evaluation plumbing, and build MAE reference checkpoints with timm /
+        # transformers (tests only: `model.init` itself needs neither).
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ninja", *EVAL_REQUIRES,
+                "timm>=1.0,<2", "transformers>=4.40,<6"],
         "dali": ["nvidia-dali-cuda130"],
         "triton": ["triton>=3.4"],
     },

@@ -57,6 +57,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "qkv_bias": True,
     "num_tokens": 16,
     "temperature": 0.06,
+    "init": None,          # a local MAE ViT checkpoint the encoder starts from (stellar/model/mae.py)
     "decoder": {"dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048, "head": "pixels", "vocab": 1024,
                 "tokenizer": None},
     "clustering": {"hidden": 2048, "bottleneck": 256, "prototypes": 16384, "sk_temperature": 0.06,

@@ -224,7 +224,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     checkpoint = resolve_checkpoint(path)
     cfg = load_config_of(checkpoint)
-    model = build_model(cfg["model"])
+    model = build_model(cfg["model"], init=False)    # the weights come from the checkpoint, not model.init
     load_weights(checkpoint, model)
     step = load_state(checkpoint).get("step", -1) if (checkpoint / STATE).is_file() else -1
     return model.to(device).eval(), cfg, step
