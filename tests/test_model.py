@@ -170,15 +170,24 @@ def test_masked_view_keeps_exactly_the_kept_tokens(gen):
         model.encoder(images, keep=keep + 16)
 
 
-def test_forward_sequences_per_view_group(gen):
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_sequences_per_view_group(gen, packed):
     """forward(batch) runs the full image (1+N+r tokens), B*G masked views (1+n_keep+r) and
-    B*Lc local views (1+n_local+r) through the encoder blocks."""
-    model = _model(gen)
-    seen = []
-    hook = model.encoder.vit.transformer.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    B*Lc local views (1+n_local+r) through the encoder blocks: one call per group, or one packed
+    pass over all their tokens (pack_views)."""
+    model = _model(gen, pack_views=packed)
+    tower = model.encoder.vit.transformer
+    seen, packed_calls = [], []
+    hook = tower.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    block_hook = tower.blocks[0].register_forward_pre_hook(lambda m, a: packed_calls.append(tuple(a[0].shape)))
     model(_batch(gen, B=2, G=3, Lc=2))
     hook.remove()
-    assert seen == [(2, 1 + 16 + 4, 32), (6, 1 + 4 + 4, 32), (4, 1 + 4 + 4, 32)]
+    block_hook.remove()
+    groups = [(2, 1 + 16 + 4, 32), (6, 1 + 4 + 4, 32), (4, 1 + 4 + 4, 32)]
+    if packed:
+        assert seen == [] and packed_calls == [(sum(b * t for b, t, _ in groups), 32)]
+    else:
+        assert seen == groups and packed_calls == groups
 
 
 # ---------------------------------------------------------------- training forward
@@ -378,3 +387,173 @@ def test_cls_loss_from_masked_and_local_views(gen):
         want = soft_cross_entropy(model.cls_head(cls_m), t.repeat_interleave(2, 0), 0.12) \
             + soft_cross_entropy(model.cls_head(cls_l), t, 0.12)
     torch.testing.assert_close(out["losses"]["cls_loss"], want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the fast path (issue 8) against the reference
+REFERENCE = dict(pack_views=False, clustering=dict(fused=False))
+
+
+def _awkward(gen, dtype=torch.float64, **over):
+    """A model with awkward sizes (D 36 over 3 heads, r 7, 50 prototypes) and its batch, in dtype."""
+    cfg = dict(dim=36, heads=3, num_tokens=7, clustering=dict(hidden=24, bottleneck=10, prototypes=50))
+    cfg.update(over)
+    model = _model(gen, **cfg).to(dtype)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(gen, B=3, G=3, Lc=2, s=24).items()}
+    batch["keep"] = torch.stack([sample_keep_indices(3, 4, 4, 0.75, "gaussian", generator=gen)
+                                 for _ in range(3)], dim=1)                  # B x G x 4
+    return model, batch
+
+
+def _losses_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _set_variant(model, **cfg):
+    """Switch a built model between the reference and the fast structure (same weights)."""
+    from stellar.model.stellar import _prototype_ce_fn
+    for key in ("pack_views",):
+        if key in cfg:
+            model.cfg[key] = cfg[key]
+    if "fused" in cfg:
+        model.cfg["clustering"]["fused"] = cfg["fused"]
+        model._prototype_ce = cfg.get("fn") or _prototype_ce_fn(cfg["fused"])
+    return model
+
+
+@pytest.mark.parametrize("variant", ["packed+op", "packed+indexed", "unpacked+op", "packed+reference-ce"])
+@pytest.mark.parametrize("ema", [False, True])
+def test_fast_path_equals_reference_float64(gen, variant, ema):
+    """Packed encoder and the prototype-CE wiring (the op, or the indexed twin) give the public
+    structure's losses and every parameter's gradient, in float64, from the same weights and views."""
+    from stellar.model.heads import indexed_prototype_cross_entropy
+    model, batch = _awkward(gen, ema=dict(enabled=ema, momentum=0.9), **REFERENCE)
+    model.eval()                                              # no EMA update: both passes see the same teacher
+    ref, ref_grads = _losses_and_grads(model, batch)
+    packed, ce = variant.split("+")
+    fused = {"op": "auto", "indexed": "auto", "reference-ce": False}[ce]
+    _set_variant(model, pack_views=packed == "packed", fused=fused,
+                 fn=indexed_prototype_cross_entropy if ce == "indexed" else None)
+    fast, fast_grads = _losses_and_grads(model, batch)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(fast["losses"][name], ref["losses"][name], rtol=1e-10, atol=1e-12, msg=name)
+    assert float(ref["losses"]["mask_loss"]) > 0 and float(ref["losses"]["cls_loss"]) > 0
+    assert set(fast_grads) == set(ref_grads) and len(ref_grads) > 20
+    for name, g in ref_grads.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_fast_path_equals_reference_float32(gen):
+    model, batch = _awkward(gen, torch.float32, **REFERENCE)
+    ref, ref_grads = _losses_and_grads(model, batch)
+    _set_variant(model, pack_views=True, fused="auto")
+    fast, fast_grads = _losses_and_grads(model, batch)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(fast["losses"][name], ref["losses"][name], rtol=2e-5, atol=1e-6, msg=name)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_default_config_is_the_fast_path():
+    cfg = resolve_config({})
+    assert cfg["pack_views"] is True and cfg["attention"] == "auto" and cfg["clustering"]["fused"] == "auto"
+    assert cfg["residual_bf16"] is False
+    for bad, key in (({"attention": "flash"}, "attention"), ({"clustering": {"fused": "yes"}}, "fused"),
+                     ({"pack_views": "no"}, "pack_views")):
+        with pytest.raises(ValueError, match=key):
+            resolve_config(bad)
+
+
+@pytest.mark.parametrize("shapes", [[(2, 21), (6, 9), (4, 9)], [(1, 5)], [(1, 7), (3, 2)]])
+def test_packed_transformer_equals_per_group_float64(gen, shapes):
+    from stellar.nn import Transformer
+    torch.manual_seed(0)
+    tower = Transformer(30, 2, 3, 40).double()
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    xs = [torch.randn(B, T, 30, generator=gen, dtype=torch.float64, requires_grad=True) for B, T in shapes]
+    want = [tower(x) for x in xs]
+    got = tower.forward_packed(xs)
+    up = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    g_want = torch.autograd.grad(sum((w * u).sum() for w, u in zip(want, up)), xs + [tower.blocks[0].attn.qkv.weight])
+    g_got = torch.autograd.grad(sum((g * u).sum() for g, u in zip(got, up)), xs + [tower.blocks[0].attn.qkv.weight])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    with pytest.raises(ValueError, match=r"xs\[0\]"):
+        tower.forward_packed([torch.randn(2, 3, 31)])
+
+
+@pytest.mark.parametrize("backend", ["varlen", "xformers"])
+def test_packed_attention_backend_falls_back_with_a_warning_on_cpu(gen, backend):
+    from stellar.nn import Transformer
+    import stellar.nn.vit as vit
+    tower = Transformer(16, 1, 2, 32)
+    tower.attention = backend
+    xs = [torch.randn(2, 5, 16, generator=gen), torch.randn(3, 4, 16, generator=gen)]
+    vit._fallback_warned.clear()
+    with pytest.warns(UserWarning, match=backend):
+        got = tower.forward_packed(xs)
+    for g, x in zip(got, xs):
+        torch.testing.assert_close(g, tower(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attention"):
+        tower.attention = "flash"
+
+
+def test_xformers_status_says_why():
+    from stellar.nn.vit import xformers_status
+    st = xformers_status()
+    assert set(st) == {"loads", "version", "reason"} and isinstance(st["loads"], bool) and st["reason"]
+
+
+@pytest.mark.parametrize("index", [None, "views"])
+def test_indexed_prototype_ce_equals_gathered_soft_ce_float64(gen, index):
+    from stellar.model.heads import indexed_prototype_cross_entropy
+    M, K, C, T = 13, 7, 100, 5
+    z = F.normalize(torch.randn(M, K, generator=gen, dtype=torch.float64), dim=-1).requires_grad_()
+    W = torch.randn(C, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.softmax(torch.randn(M if index is None else T, C, generator=gen, dtype=torch.float64) * 3, -1)
+    t = t * (1 + 0.1 * torch.rand(t.shape[0], 1, generator=gen, dtype=torch.float64))   # rows not summing to 1
+    idx = None if index is None else torch.randint(0, T, (M,), generator=gen)
+    got = indexed_prototype_cross_entropy(z, W, t, 0.12, idx)
+    want = soft_cross_entropy(z @ W.T, t if idx is None else t[idx], 0.12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (z, W)), torch.autograd.grad(want, (z, W))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_views_equal_their_float32_rounding(gen):
+    """bf16 views from a loader: the same losses as float32 views holding the same rounded pixels."""
+    model, batch = _awkward(gen, torch.float32)
+    rounded = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in batch.items()}
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+    a, b = model(rounded), model(half)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(b["losses"][name], a["losses"][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_residual_bf16_keeps_the_stream_16_bit_under_autocast(gen):
+    model, batch = _awkward(gen, torch.float32, residual_bf16=True)
+    seen = []
+    hook = model.encoder.vit.transformer.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    dec_hook = model.decoder.transformer.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(batch)
+    model.encoder.vit.transformer.residual_bf16 = model.decoder.transformer.residual_bf16 = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(batch)
+    hook.remove()
+    dec_hook.remove()
+    # encoder with the flag, decoder with the flag, encoder without it (promoted by the float32
+    # position table); the decoder's stream is bf16 either way (its Fourier PE is a matmul).
+    assert seen[:3] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    full = model(batch)                                        # no autocast: the flag does nothing
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(low["losses"][name], full["losses"][name], rtol=5e-2, atol=5e-2, msg=name)
+        torch.testing.assert_close(mixed["losses"][name], full["losses"][name], rtol=5e-2, atol=5e-2, msg=name)

@@ -17,6 +17,19 @@ The objective (STELLAR.md sections 3-6), per batch of B images:
 with ``koleo = koleo(full) + koleo(masked views)`` (each a mean over its images, as the public
 code). With the optional EMA teacher the targets come from a momentum copy of the encoder and
 heads applied to the second global view (the public code's choice), matched by OT.
+
+``forward`` is a few named pieces (each compilable with static shapes, ``compile_pieces``):
+    encode_views        the three view groups through the encoder: one packed pass
+                        (``pack_views``; attention per group, ``attention``) or one call per group
+    reconstruction      factorization, decoder, pixel/token loss of the full image
+    image_targets       the full image's (or the teacher's) Sinkhorn-Knopp targets, its two
+                        clustering losses and KoLeo
+    masked_view_losses  OT matches, mask_loss, the views' CLS loss and KoLeo
+    local_view_losses   the local views' CLS loss
+The clustering losses go through ``stellar.kernels.prototype_cross_entropy`` (``clustering.fused``:
+the [M, C] logits are never held; a view's rows index the full image's targets instead of a
+repeated, gathered copy); ``fused: false`` keeps the public code's structure (head logits in
+float32, ``repeat_interleave`` + gather of the targets, soft cross-entropy): the reference.
 """
 from __future__ import annotations
 
@@ -28,16 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import warnings
+
 from stellar.losses.clustering import sinkhorn_knopp, soft_cross_entropy
 from stellar.losses.koleo import koleo_loss
 from stellar.losses.matching import match_tokens
 from stellar.losses.reconstruction import pixel_loss, token_loss
 from stellar.model.decoder import HEADS, Decoder
 from stellar.model.encoder import SparseTokenEncoder
-from stellar.model.heads import ClusteringHead
+from stellar.model.heads import ClusteringHead, indexed_prototype_cross_entropy
 from stellar.model.masking import num_keep, sample_keep_indices
 from stellar.nn.factorization import SpatialSemanticFactorization
-from stellar.nn.vit import VisionTransformer, vit_preset
+from stellar.nn.vit import ATTENTION_BACKENDS, VisionTransformer, resolve_attention, vit_preset
 
 __all__ = ["Stellar", "DEFAULT_CONFIG", "resolve_config", "LOSS_NAMES"]
 
@@ -58,15 +73,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "num_tokens": 16,
     "temperature": 0.06,
     "init": None,          # a local MAE ViT checkpoint the encoder starts from (stellar/model/mae.py)
+    "pack_views": True,
+    "attention": "auto",
+    "residual_bf16": False,
     "decoder": {"dim": 512, "depth": 6, "heads": 8, "mlp_dim": 2048, "head": "pixels", "vocab": 1024,
                 "tokenizer": None},
     "clustering": {"hidden": 2048, "bottleneck": 256, "prototypes": 16384, "sk_temperature": 0.06,
-                   "sk_iterations": 3, "ce_temperature": 0.12},
+                   "sk_iterations": 3, "ce_temperature": 0.12, "fused": "auto"},
     "masking": {"mask_ratio": 0.8, "focal": "gaussian", "focal_prob": 0.5},
     "loss": {"w_rec": None, "w_koleo": 0.1, "ot_epsilon": 0.1, "ot_iterations": 5},
     "ema": {"enabled": False, "momentum": 0.996},
 }
 _SECTIONS = ("decoder", "clustering", "masking", "loss", "ema")
+FUSED_CHOICES = ("auto", True, False)
+# The step's pieces that `compile_pieces` compiles as whole functions (the ViT blocks are compiled one by one).
+COMPILED_PIECES = ("image_targets", "masked_view_losses", "local_view_losses")
 
 
 def resolve_config(cfg: dict | None = None) -> dict[str, Any]:
@@ -102,6 +123,13 @@ def resolve_config(cfg: dict | None = None) -> dict[str, Any]:
         out["masking"]["focal"] = None
     if out["loss"]["w_rec"] is None:
         out["loss"]["w_rec"] = 10.0 if out["decoder"]["head"] == "pixels" else 0.05
+    if out["attention"] not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention must be one of {ATTENTION_BACKENDS}, got {out['attention']!r}")
+    if out["clustering"]["fused"] not in FUSED_CHOICES:
+        raise ValueError(f"model.clustering.fused must be one of auto, true, false; got {out['clustering']['fused']!r}")
+    for key in ("pack_views", "residual_bf16"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"model.{key} must be true or false, got {out[key]!r}")
     if out["num_tokens"] < 2:
         raise ValueError(f"model.num_tokens must be >= 2 (KoLeo needs a neighbour), got {out['num_tokens']}")
     return out
@@ -137,6 +165,11 @@ class Stellar(nn.Module):
         self.tokenizer = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
+        self.encoder.vit.transformer.attention = cfg["attention"]
+        self.encoder.vit.transformer.residual_bf16 = cfg["residual_bf16"]
+        self.decoder.transformer.residual_bf16 = cfg["residual_bf16"]
+        self._prototype_ce = _prototype_ce_fn(cc["fused"])      # None: the public structure
+        self._compiled: dict[str, Any] = {}
         self.teacher: nn.ModuleDict | None = None
         if cfg["ema"]["enabled"]:
             self.teacher = nn.ModuleDict({
@@ -172,10 +205,10 @@ class Stellar(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """batch: image [B,3,S,S] in [0,1], global_views [B,G,3,S,S], local_views [B,Lc,3,s,s]
-        (G, Lc >= 0; either may be absent), and optionally keep LongTensor[B,G,n_keep]: the
-        sorted patch indices each masked view keeps (the loaders draw them per sample, so the
-        step holds no randomness of its own; without it the model draws them here with the
-        global generator, ``model.masking``). Returns {"loss", "losses", "features"}.
+        (G, Lc >= 0; either may be absent; any float dtype, bf16 included), and optionally keep
+        LongTensor[B,G,n_keep]: the sorted patch indices each masked view keeps (the loaders draw
+        them per sample, so the step holds no randomness of its own; without it the model draws
+        them here with the global generator, ``model.masking``). Returns {"loss", "losses", "features"}.
         """
         image = _check_images("batch['image']", batch.get("image"), 4)
         B = image.shape[0]
@@ -183,64 +216,173 @@ class Stellar(nn.Module):
         local = batch.get("local_views")
         views = None if views is None else _check_images("batch['global_views']", views, 5, B)
         local = None if local is None else _check_images("batch['local_views']", local, 5, B)
-        lcfg, ccfg = self.cfg["loss"], self.cfg["clustering"]
+        G = 0 if views is None else views.shape[1]
+        Lc = 0 if local is None else local.shape[1]
+        flat_views = views.flatten(0, 1) if G else None                                 # B*G x 3 x S x S
+        flat_local = local.flatten(0, 1) if Lc else None                                # B*Lc x 3 x s x s
+        keep = None
+        if G:
+            gh, gw = self.encoder.grid(flat_views)
+            keep = self._keep_indices(batch.get("keep"), B, G, gh, gw, flat_views.device)  # B*G x n_keep
+        if self.teacher is not None and self.training:
+            self.update_teacher()
+        lcfg = self.cfg["loss"]
         zero = image.new_zeros((), dtype=torch.float32)
 
-        # Full image: encoder, factorization, reconstruction from Z (projected at rank r).
-        grid = self.encoder.grid(image)
-        cls, dense, sparse = self.encoder(image)
-        dec_in, L = self.factorization(dense, sparse, out_proj=self.decoder.proj)     # B x N x 512
-        recon_out = self.decoder(dec_in, grid)
-        recon = self._recon_loss(recon_out, image, grid)
-        koleo = koleo_loss(sparse)
-
-        # Targets: the full image's own (or the EMA teacher's) Sinkhorn-Knopp assignments.
-        logits = self.clustering_head(sparse)                                          # B x r x C
-        cls_logits = self.cls_head(cls[:, 0])                                          # B x C
-        sk = dict(temperature=ccfg["sk_temperature"], iterations=ccfg["sk_iterations"])
-        ce_t = ccfg["ce_temperature"]
-        r, C = logits.shape[1], logits.shape[2]
-        if self.teacher is None:
-            targets = sinkhorn_knopp(logits.detach().flatten(0, 1), **sk).view(B, r, C)
-            cls_targets = sinkhorn_knopp(cls_logits.detach(), **sk)                    # B x C
-            sparse_tgt = sparse.detach()
-            clustering = soft_cross_entropy(logits, targets, ce_t)
-        else:
-            if self.training:
-                self.update_teacher()
-            targets, cls_targets, sparse_tgt = self._teacher_targets(image, views, **sk)
-            match = match_tokens(sparse, sparse_tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
-            clustering = soft_cross_entropy(logits, _gather_rows(targets, match), ce_t)
-        cls_clustering = soft_cross_entropy(cls_logits, cls_targets, ce_t)
-
-        # Masked global views: only their CLS and sparse tokens are used.
-        mask_loss, cls_loss = zero, zero
-        G = 0 if views is None else views.shape[1]
+        full, masked, local_out = self.encode_views(image, flat_views, keep, flat_local)
+        cls, dense, sparse = full
+        recon, L, recon_out = self.reconstruction(image, dense, sparse)
+        t = self._piece("image_targets")(cls, sparse, image, views)
+        mask_loss, cls_loss, koleo = zero, zero, t["koleo"]
         if G:
-            flat = views.flatten(0, 1)                                                 # B*G x 3 x S x S
-            gh, gw = self.encoder.grid(flat)
-            keep = self._keep_indices(batch.get("keep"), B, G, gh, gw, flat.device)     # B*G x n_keep
-            cls_m, _, sparse_m = self.encoder(flat, keep=keep)
-            koleo = koleo + koleo_loss(sparse_m)
-            tgt = sparse_tgt.repeat_interleave(G, dim=0)                               # B*G x r x D
-            match = match_tokens(sparse_m, tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
-            view_targets = _gather_rows(targets.repeat_interleave(G, dim=0), match)    # B*G x r x C
-            mask_loss = soft_cross_entropy(self.clustering_head(sparse_m), view_targets, ce_t)
-            cls_loss = soft_cross_entropy(self.cls_head(cls_m[:, 0]), cls_targets.repeat_interleave(G, 0), ce_t)
-
-        # Local views: CLS only.
-        Lc = 0 if local is None else local.shape[1]
+            mask_loss, cls_loss, koleo_m = self._piece("masked_view_losses")(
+                masked[0], masked[2], t["sparse_tgt"], t["targets"], t["cls_targets"])
+            koleo = koleo + koleo_m
         if Lc:
-            cls_l, _, _ = self.encoder(local.flatten(0, 1))
-            cls_loss = cls_loss + soft_cross_entropy(self.cls_head(cls_l[:, 0]),
-                                                     cls_targets.repeat_interleave(Lc, 0), ce_t)
+            cls_loss = cls_loss + self._piece("local_view_losses")(local_out[0], t["cls_targets"])
 
-        total = (lcfg["w_rec"] * recon + clustering + cls_clustering + mask_loss + cls_loss
+        total = (lcfg["w_rec"] * recon + t["clustering"] + t["cls_clustering"] + mask_loss + cls_loss
                  + lcfg["w_koleo"] * koleo)
-        losses = dict(zip(LOSS_NAMES, (recon, clustering, cls_clustering, mask_loss, cls_loss, koleo)))
+        losses = dict(zip(LOSS_NAMES, (recon, t["clustering"], t["cls_clustering"], mask_loss, cls_loss, koleo)))
         features = {"cls": cls, "dense": dense, "sparse": sparse, "L": L,
                     "peak": L.detach().amax(dim=1), "recon": recon_out}
         return {"loss": total, "losses": {k: v.detach() for k, v in losses.items()}, "features": features}
+
+    # ------------------------------------------------------------------ the step's pieces
+    def encode_views(self, image: Tensor, views: Tensor | None, keep: Tensor | None,
+                     local: Tensor | None) -> tuple:
+        """The view groups through the encoder: image [B,3,S,S], views [B*G,3,S,S] with keep
+        [B*G,n_keep], local [B*Lc,3,s,s] (views/local may be None). Returns (full, masked, local),
+        each (cls, dense, sparse) or None. ``pack_views``: one packed pass (attention per group);
+        otherwise one encoder call per group (the public code's structure)."""
+        groups = [(image, None)]
+        if views is not None:
+            groups.append((views, keep))
+        if local is not None:
+            groups.append((local, None))
+        if self.cfg["pack_views"] and len(groups) > 1:
+            outs = self.encoder.forward_groups(groups)
+        else:
+            outs = [self.encoder(x, keep=k) for x, k in groups]
+        full = outs.pop(0)
+        masked = outs.pop(0) if views is not None else None
+        local_out = outs.pop(0) if local is not None else None
+        return full, masked, local_out
+
+    def reconstruction(self, image: Tensor, dense: Tensor, sparse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Full image: factorization, decoder on Z (projected at rank r), reconstruction loss.
+        Returns (recon loss, L [B,N,r], decoder output)."""
+        grid = self.encoder.grid(image)
+        dec_in, L = self.factorization(dense, sparse, out_proj=self.decoder.proj)      # B x N x 512
+        recon_out = self.decoder(dec_in, grid)
+        return self._recon_loss(recon_out, image, grid), L, recon_out
+
+    def image_targets(self, cls: Tensor, sparse: Tensor, image: Tensor, views: Tensor | None) -> dict[str, Tensor]:
+        """The targets from the full image (cls [B,1,D], sparse [B,r,D]): its own Sinkhorn-Knopp
+        assignments (or the EMA teacher's), and the losses of the full image against them.
+
+        Returns targets [B,r,C], cls_targets [B,C], sparse_tgt [B,r,D] (detached), clustering,
+        cls_clustering and koleo (scalars).
+        """
+        ccfg, lcfg = self.cfg["clustering"], self.cfg["loss"]
+        sk = dict(temperature=ccfg["sk_temperature"], iterations=ccfg["sk_iterations"])
+        ce_t = ccfg["ce_temperature"]
+        B, r = sparse.shape[:2]
+        head, cls_head = self.clustering_head, self.cls_head
+        koleo = koleo_loss(sparse)
+        if self._prototype_ce is None:                       # the public structure: [M, C] logits
+            logits = head(sparse)                                                      # B x r x C
+            cls_logits = cls_head(cls[:, 0])                                           # B x C
+            C = logits.shape[-1]
+            if self.teacher is None:
+                targets = sinkhorn_knopp(logits.detach().flatten(0, 1), **sk).view(B, r, C)
+                cls_targets = sinkhorn_knopp(cls_logits.detach(), **sk)               # B x C
+                sparse_tgt = sparse.detach()
+                clustering = soft_cross_entropy(logits, targets, ce_t)
+            else:
+                targets, cls_targets, sparse_tgt = self._teacher_targets(image, views, **sk)
+                match = match_tokens(sparse, sparse_tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
+                clustering = soft_cross_entropy(logits, _gather_rows(targets, match), ce_t)
+            cls_clustering = soft_cross_entropy(cls_logits, cls_targets, ce_t)
+        else:                                                # fused: the logits only for Sinkhorn-Knopp
+            z = head.features(sparse).flatten(0, 1)                                    # B*r x K
+            cls_z = cls_head.features(cls[:, 0])                                       # B x K
+            index = None
+            if self.teacher is None:
+                with torch.no_grad():
+                    flat_targets = sinkhorn_knopp(head.logits(z.detach()), **sk)       # B*r x C
+                    cls_targets = sinkhorn_knopp(cls_head.logits(cls_z.detach()), **sk)
+                targets = flat_targets.view(B, r, -1)
+                sparse_tgt = sparse.detach()
+            else:
+                targets, cls_targets, sparse_tgt = self._teacher_targets(image, views, **sk)
+                match = match_tokens(sparse, sparse_tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])
+                index = (_rows(B, 1, sparse.device) * r).unsqueeze(1) + match          # B x r rows of targets
+                index = index.flatten()
+            clustering = self._clustering_ce(head, z, targets.flatten(0, 1), index)
+            cls_clustering = self._clustering_ce(cls_head, cls_z, cls_targets, None)
+        return {"targets": targets, "cls_targets": cls_targets, "sparse_tgt": sparse_tgt,
+                "clustering": clustering, "cls_clustering": cls_clustering, "koleo": koleo}
+
+    def masked_view_losses(self, cls_m: Tensor, sparse_m: Tensor, sparse_tgt: Tensor, targets: Tensor,
+                           cls_targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The masked views (cls_m [B*G,1,D], sparse_m [B*G,r,D], view-major per image) against the
+        full image's targets (targets [B,r,C], cls_targets [B,C], sparse_tgt [B,r,D]).
+        Returns (mask_loss, their CLS loss, their KoLeo)."""
+        lcfg, ce_t = self.cfg["loss"], self.cfg["clustering"]["ce_temperature"]
+        B, r = targets.shape[:2]
+        G = sparse_m.shape[0] // B
+        koleo = koleo_loss(sparse_m)
+        tgt = sparse_tgt.repeat_interleave(G, dim=0)                                   # B*G x r x D
+        match = match_tokens(sparse_m, tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])  # B*G x r
+        if self._prototype_ce is None:                       # the public structure
+            view_targets = _gather_rows(targets.repeat_interleave(G, dim=0), match)    # B*G x r x C
+            mask_loss = soft_cross_entropy(self.clustering_head(sparse_m), view_targets, ce_t)
+            cls_loss = soft_cross_entropy(self.cls_head(cls_m[:, 0]), cls_targets.repeat_interleave(G, 0), ce_t)
+        else:                                                # rows index the full image's targets
+            image_of_view = _rows(B, G, sparse_m.device)                               # B*G
+            index = ((image_of_view * r).unsqueeze(1) + match).flatten()               # B*G*r rows of targets
+            z = self.clustering_head.features(sparse_m).flatten(0, 1)                  # B*G*r x K
+            mask_loss = self._clustering_ce(self.clustering_head, z, targets.flatten(0, 1), index)
+            cls_loss = self._clustering_ce(self.cls_head, self.cls_head.features(cls_m[:, 0]), cls_targets,
+                                           image_of_view)
+        return mask_loss, cls_loss, koleo
+
+    def local_view_losses(self, cls_l: Tensor, cls_targets: Tensor) -> Tensor:
+        """The local views' CLS (cls_l [B*Lc,1,D], view-major per image) against cls_targets [B,C]."""
+        ce_t = self.cfg["clustering"]["ce_temperature"]
+        B = cls_targets.shape[0]
+        Lc = cls_l.shape[0] // B
+        if self._prototype_ce is None:
+            return soft_cross_entropy(self.cls_head(cls_l[:, 0]), cls_targets.repeat_interleave(Lc, 0), ce_t)
+        return self._clustering_ce(self.cls_head, self.cls_head.features(cls_l[:, 0]), cls_targets,
+                                   _rows(B, Lc, cls_l.device))
+
+    def _clustering_ce(self, head: ClusteringHead, z: Tensor, targets: Tensor, index: Tensor | None) -> Tensor:
+        """Soft CE of head.logits(z) [M, C] against targets[index] ([T, C]), without the logits in memory."""
+        return self._prototype_ce(z, head.prototypes.weight, targets, self.cfg["clustering"]["ce_temperature"],
+                                  target_index=index)
+
+    def compile_pieces(self, **compile_kwargs) -> "Stellar":
+        """torch.compile the step's pieces in place, static shapes by default (``dynamic=False``):
+        each ViT block of the encoder and decoder (one graph per distinct input shape: one for a
+        packed pass, one per view group otherwise, shared by all blocks of a ViT), each view
+        group's embedding, and ``image_targets`` / ``masked_view_losses`` / ``local_view_losses``.
+        Parameter names and the state dict are unchanged. ``compile_kwargs`` go to torch.compile
+        (backend, mode, ...)."""
+        compile_kwargs.setdefault("dynamic", False)
+        towers = [self.encoder.vit.transformer, self.decoder.transformer]
+        if self.teacher is not None:
+            towers.append(self.teacher["encoder"].vit.transformer)
+        for tower in towers:
+            for block in tower.blocks:
+                block.compile(**compile_kwargs)
+        self.encoder.compile_embedding(**compile_kwargs)
+        self._compiled = {name: torch.compile(getattr(self, name), **compile_kwargs) for name in COMPILED_PIECES}
+        return self
+
+    def _piece(self, name: str):
+        return self._compiled.get(name) or getattr(self, name)
 
     def _keep_indices(self, keep: Tensor | None, B: int, G: int, gh: int, gw: int,
                       device: torch.device) -> Tensor:
@@ -306,6 +448,37 @@ class Stellar(nn.Module):
         targets = sinkhorn_knopp(logits.flatten(0, 1), temperature, iterations).view(B, r, C)
         cls_targets = sinkhorn_knopp(t["cls_head"](cls_t[:, 0]), temperature, iterations)
         return targets, cls_targets, sparse_t
+
+
+def _rows(B: int, per: int, device: torch.device) -> Tensor:
+    """LongTensor[B*per]: the image of each row when each of B images has ``per`` consecutive rows."""
+    return torch.arange(B * per, device=device) // per
+
+
+_fused_warned = False
+
+
+def _prototype_ce_fn(fused):
+    """The prototype cross-entropy behind ``model.clustering.fused``: None for ``false`` (the public
+    structure), else stellar.kernels.prototype_cross_entropy (its Triton kernels on CUDA, its
+    reference elsewhere); ``auto`` without that op: the indexed twin in stellar.model.heads, with
+    a warning."""
+    global _fused_warned
+    if fused is False:
+        return None
+    try:
+        from stellar.kernels import prototype_cross_entropy
+    except ImportError as exc:
+        if fused is True:
+            raise RuntimeError("model.clustering.fused=true needs stellar.kernels.prototype_cross_entropy, "
+                               f"which does not import here ({exc})") from exc
+        if not _fused_warned:
+            _fused_warned = True
+            warnings.warn("model.clustering.fused=auto: stellar.kernels.prototype_cross_entropy does not import "
+                          f"({exc}); the clustering losses use the indexed PyTorch form (same values, [M, C] logits "
+                          "in memory)", stacklevel=3)
+        return indexed_prototype_cross_entropy
+    return prototype_cross_entropy
 
 
 def _gather_rows(targets: Tensor, index: Tensor) -> Tensor:
