@@ -190,9 +190,13 @@ def test_twenty_steps_on_the_embedded_data_lower_the_loss(tmp_path):
     result = pretrain(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, 21)) and result.step == 20
-    first = sum(r["loss"] for r in rows[:4]) / 4
-    last = sum(r["loss"] for r in rows[-4:]) / 4
-    assert last < first, (first, last)
+    # Every term that learning should lower falls clearly (measured on seeds 0-2: by 35-67 %), not
+    # only the total (the reconstruction alone could carry it). KoLeo is left out: it spreads the
+    # tokens apart and moves by 1-4 % in 20 steps.
+    for term in ("loss", "recon", "clustering_loss", "cls_clustering_loss", "mask_loss", "cls_loss"):
+        first = sum(r[term] for r in rows[:4]) / 4
+        last = sum(r[term] for r in rows[-4:]) / 4
+        assert last < 0.85 * first, (term, first, last)
     assert set(rows[0]) >= {"loss", "recon", "clustering_loss", "cls_clustering_loss", "mask_loss", "cls_loss",
                             "koleo", "lr", "img_per_s"}
     assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in rows)
@@ -244,7 +248,8 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert losses_of(tmp_path / "c") == losses_of(tmp_path / "a")
     a = torch.load(latest_checkpoint(tmp_path / "a") / "state.pt", weights_only=True)
     c = torch.load(latest_checkpoint(tmp_path / "c") / "state.pt", weights_only=True)
-    assert a["loader"] == c["loader"] == {"epoch": 2, "batch": 2}
+    assert a["ranks"][0]["loader"] == c["ranks"][0]["loader"] == {"epoch": 2, "batch": 2}
+    assert a["world_size"] == 1 and a["global_batch"] == 4
 
 
 def test_resume_with_the_real_loader_matches(tmp_path):

@@ -4,7 +4,18 @@
     result = pretrain(None, "runs/tiny", resume=True)       # continues exactly where it stopped
 
 Outputs in the run directory: ``config.yaml`` (the merged config), ``checkpoints/`` (see
-checkpoint.py), ``metrics.csv`` (one row per optimizer step), ``tb/`` (TensorBoard events).
+checkpoint.py), ``metrics.csv`` (one row per optimizer step), ``tb/`` (TensorBoard events),
+``.lock`` while the run lives (lock.py).
+
+Under torchrun (``torchrun --nproc_per_node N -m stellar pretrain ...``) every process runs
+``pretrain``: the process group starts from torchrun's environment (distributed.py), the model is
+wrapped in DDP or FSDP2 (``train.parallel``), each process reads its slice of every global batch
+(``loader_fn(cfg, rank, world_size)``), and rank 0 alone writes the config, metrics,
+TensorBoard, progress bar and the checkpoint's shared parts. The global batch is
+``train.batch_size x world_size``; at a fixed global batch the losses and weights do not depend
+on the number of processes (to float32 rounding): every loss is a mean over equal per-rank
+batches, gradients are averaged over ranks, Sinkhorn-Knopp sums over all ranks, and the random
+draws of a sample come with the batch.
 """
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -22,9 +34,10 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import (capture_rng, latest_checkpoint, load_state, load_weights, restore_rng,
-                         save_checkpoint)
-from .config import read_yaml, save_config
+from .checkpoint import (capture_rng, checkpoint_name, latest_checkpoint, load_training_state, rank_state,
+                         restore_rng, save_checkpoint, save_sharded_checkpoint)
+from .config import DEFAULTS_PATH, ConfigError, merge, read_yaml, save_config
+from .lock import RunLock
 from .schedule import CosineSchedule
 
 METRICS = "metrics.csv"
@@ -57,11 +70,32 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """This process's device, always with an index for CUDA.
+
+    ``auto``: CUDA where available, else the CPU. A CUDA device without an index is
+    ``cuda:LOCAL_RANK`` under torchrun, else the current device. ``cuda:N`` under torchrun with
+    several processes per machine would put them all on one GPU, and is refused.
+    """
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but CUDA is not available")
+    launched = distributed.launched_by_torchrun()
+    if device.index is None:
+        index = distributed.local_rank() if launched else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={index} but this machine shows {torch.cuda.device_count()} GPUs: "
+                               f"start at most that many processes per machine (--nproc_per_node)")
+        return torch.device("cuda", index)
+    if launched and distributed.local_world_size() > 1:
+        raise ConfigError(f"train.device={name} would put all {distributed.local_world_size()} processes of this "
+                          f"machine on one GPU: use train.device=cuda (each process takes cuda:LOCAL_RANK)")
     return device
 
 
@@ -105,22 +139,24 @@ def default_model_fn(model_cfg: Mapping) -> torch.nn.Module:
 
 
 def default_loader_fn(cfg: Mapping, rank: int, world_size: int):
-    """The training loader of ``cfg["data"]`` (the embedded shapes set when ``data.root`` is null)."""
-    from stellar.data import build_loader
+    """Rank ``rank``'s training loader: its slice of every global batch of ``cfg["data"]`` (the
+    embedded shapes set when ``data.root`` is null), with the views and kept patches of
+    ``ViewSpec.from_config(cfg)`` (so ``batch["keep"]`` fits the model), decoding on this
+    process's device (``train.device``). Rank 0 prints the backend it uses and where it decodes."""
+    import sys
+
+    from stellar.data import ViewSpec, build_loader
 
     data = cfg["data"]
-    root = data["root"]
-    if root is None:
-        from stellar.data.shapes import ensure_shapes_dataset
-
-        root = ensure_shapes_dataset()
-    return build_loader(
-        root, backend=data["backend"], batch_size=cfg["train"]["batch_size"],
-        num_workers=data["num_workers"], global_size=data["global_size"], local_size=data["local_size"],
-        num_global=data["num_global"], num_local=data["num_local"],
-        global_scale=tuple(data["global_scale"]), local_scale=tuple(data["local_scale"]),
-        seed=cfg["seed"], rank=rank, world_size=world_size, shuffle=True, drop_last=True, split="train",
+    loader = build_loader(
+        data["root"], backend=data["backend"], batch_size=cfg["train"]["batch_size"], spec=ViewSpec.from_config(cfg),
+        num_workers=data["num_workers"], seed=cfg["seed"], rank=rank, world_size=world_size, shuffle=True,
+        drop_last=True, split="train", device=pick_device(cfg["train"]["device"]), views=data.get("views"),
+        bad_list=data.get("bad_list"),
     )
+    if rank == 0:
+        print(loader.describe(), file=sys.stderr, flush=True)
+    return loader
 
 
 def endless(loader) -> Iterator[dict]:
@@ -273,12 +309,17 @@ def open_tensorboard(out_dir: Path, resume_step: int | None):
 
 # --------------------------------------------------------------------------- the run
 
+def saved_config(out_dir: Path) -> dict:
+    """The config a run saved, over today's defaults (keys added since are filled in)."""
+    if not (out_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"cannot resume: {out_dir / CONFIG} not found")
+    return merge(read_yaml(DEFAULTS_PATH), read_yaml(out_dir / CONFIG))
+
+
 def prepare_run_dir(out_dir: Path, cfg: Mapping | None, resume: bool) -> dict:
     """Create the run directory and save the merged config; on resume read it back instead."""
     if resume:
-        if not (out_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"cannot resume: {out_dir / CONFIG} not found")
-        saved = read_yaml(out_dir / CONFIG)
+        saved = saved_config(out_dir)
         if cfg is not None and dict(cfg) != saved:
             save_config(cfg, out_dir / CONFIG)     # resumed with overrides (e.g. more steps)
             return dict(cfg)
@@ -291,6 +332,26 @@ def prepare_run_dir(out_dir: Path, cfg: Mapping | None, resume: bool) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / CONFIG)
     return dict(cfg)
+
+
+def open_run(lock: RunLock, out_dir: Path, cfg: Mapping | None, resume: bool) -> tuple[dict, bool]:
+    """Rank 0: take the run directory's lock, then create or read the run. Returns (config, resume).
+
+    A worker restarted by torchrun (``--max-restarts``) continues from the last checkpoint when
+    there is one, as ``--resume`` would.
+    """
+    lock.acquire()
+    if not resume and distributed.restart_count() > 0 and latest_checkpoint(out_dir) is not None:
+        resume = True
+    return prepare_run_dir(out_dir, cfg, resume), resume
+
+
+def check_train_config(train: Mapping) -> None:
+    if train["parallel"] not in distributed.PARALLEL:
+        raise ConfigError(f"train.parallel must be one of {distributed.PARALLEL}, got {train['parallel']!r}")
+    timeout = train["dist_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"train.dist_timeout_s must be a positive number of seconds, got {timeout!r}")
 
 
 def pretrain(
@@ -306,39 +367,70 @@ def pretrain(
 
     ``stop_after`` ends this process after that many completed steps (with a checkpoint), as if
     interrupted; the schedule still spans ``train.steps``. ``model_fn(cfg["model"])`` and
-    ``loader_fn(cfg, rank, world_size)`` build the model and the loader (tests substitute them).
-    Raises ``NonFiniteLossError`` if the loss stops being finite.
+    ``loader_fn(cfg, rank, world_size)`` build the model and the loader (tests substitute them);
+    the loader of rank r yields rank r's slice of each global batch.
+    Under torchrun every process calls this; it starts and ends the process group itself.
+    Raises ``NonFiniteLossError`` if the loss stops being finite, ``RunLockedError`` if a live
+    run holds ``out_dir``, ``RankLostError`` (naming the rank) if another process of the run dies.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    main = distributed.is_main()
-    cfg = prepare_run_dir(out_dir, cfg, resume) if main else dict(cfg or read_yaml(out_dir / CONFIG))
-    train = cfg["train"]
-    total = int(train["steps"])
-    device = pick_device(train["device"])
+    if cfg is None and not resume:
+        raise ValueError("cfg is required for a new run")
+    if cfg is not None:
+        cfg = merge(read_yaml(DEFAULTS_PATH), cfg)     # keys added to the defaults since cfg was made
+    launch = cfg if cfg is not None else saved_config(out_dir)
+    check_train_config(launch["train"])
+    device = pick_device(launch["train"]["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    amp_dtype = autocast_dtype(train["amp"], device)
+    with distributed.process_group(device, launch["train"]["dist_timeout_s"]):
+        lock = RunLock(out_dir)
+        try:
+            cfg, resume = distributed.run_on_main(lambda: open_run(lock, out_dir, cfg, resume))
+            return run_training(cfg, out_dir, device, resume, stop_after, model_fn, loader_fn, t_start)
+        except RuntimeError as exc:
+            if isinstance(exc, NonFiniteLossError) or not distributed.initialized():
+                raise
+            last = latest_checkpoint(out_dir)
+            lost = distributed.explain_failure(
+                exc, hint=f"The last checkpoint is {last}; continue with --resume {out_dir}." if last else
+                "No checkpoint was written yet.")
+            if lost is exc:
+                raise
+            raise lost from exc
+        finally:
+            lock.release()
 
-    seed_everything(int(cfg["seed"]) + distributed.rank())
+
+def run_training(cfg: dict, out_dir: Path, device: torch.device, resume: bool, stop_after: int | None,
+                 model_fn: Callable, loader_fn: Callable, t_start: float) -> RunResult:
+    """Build (or restore) model, optimizer, schedule and loader, then run the steps."""
+    train = cfg["train"]
+    check_train_config(train)
+    total = int(train["steps"])
+    amp_dtype = autocast_dtype(train["amp"], device)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+
+    seed = int(cfg["seed"])
+    seed_everything(seed)                  # the same initial weights on every rank, for every world size
     model = model_fn(cfg["model"]).to(device)
+    if rank:
+        seed_everything(seed + rank)       # rank 0 goes on with a one-process run's stream
+    model = distributed.wrap_model(model, device, train["parallel"],
+                                   param_dtype=amp_dtype if device.type == "cuda" else None)
     optimizer = build_optimizer(model, train)
     schedule = build_schedule(train)
-    loader = loader_fn(cfg, distributed.rank(), distributed.world_size())
+    loader = loader_fn(cfg, rank, world)
+    images_per_step = int(train["batch_size"]) * world
 
     start, checkpoint = 0, None
     if resume:
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {out_dir}")
-        state = load_state(checkpoint)
-        load_weights(checkpoint, model)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
-        start = int(state["step"])
-    model = distributed.wrap_model(model, device)
+        start = restore(checkpoint, model, optimizer, loader, images_per_step)
     model.train()
 
     metrics = MetricsLog(out_dir / METRICS, start if resume else None) if main else None
@@ -347,17 +439,15 @@ def pretrain(
 
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                disable=not (main and cfg["log"]["progress"]))
-    images_per_step = int(train["batch_size"]) * distributed.world_size()
     every = int(train["checkpoint_every"])
     end = total if stop_after is None else min(total, int(stop_after))
     values: dict = {}
 
-    def save(step: int) -> Path | None:
-        if not main:
-            return checkpoint
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "rng": capture_rng(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
-        return save_checkpoint(out_dir, step, model, state, cfg, keep=int(train["keep_checkpoints"]))
+    def save(step: int) -> Path:
+        shared = {"schedule": schedule.state_dict(), "world_size": world, "global_batch": images_per_step,
+                  "parallel": train["parallel"] if distributed.initialized() else None}
+        return save_run_checkpoint(out_dir, step, model, optimizer, loader, shared, cfg,
+                                   keep=int(train["keep_checkpoints"]))
 
     batches = endless(loader)
     step = start
@@ -367,24 +457,13 @@ def pretrain(
             lr = schedule(step)
             set_lr(optimizer, lr)
             batch = to_device(next_batch(batches), device)
-            out = forward_losses(model, batch, amp_dtype)
-            values = loss_values(out)
-            check_finite(step + 1, values, checkpoint)
-            backward_and_update(out["loss"], model, optimizer, train["grad_clip"])
+            values = train_step(model, optimizer, batch, amp_dtype, train["grad_clip"], step + 1, checkpoint)
             step += 1
-            img_per_s = images_per_step / max(time.perf_counter() - t0, 1e-9)
             if main:
-                metrics.write(step, values, lr, img_per_s)
-                if tb is not None:
-                    for name, v in values.items():
-                        tb.add_scalar(f"loss/{name}", v, step)
-                    tb.add_scalar("lr", lr, step)
-                    tb.add_scalar("img_per_s", img_per_s, step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+                img_per_s = images_per_step / max(time.perf_counter() - t0, 1e-9)
+                log_step(metrics, tb, bar, step, values, lr, img_per_s)
             if step % every == 0 or step == end:
                 checkpoint = save(step)
-                distributed.barrier()
     finally:
         bar.close()
         if metrics is not None:
@@ -393,3 +472,73 @@ def pretrain(
             tb.close()
     return RunResult(out_dir=out_dir, step=step, checkpoint=checkpoint, metrics=out_dir / METRICS,
                      last_losses=values, seconds=time.perf_counter() - t_start)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping,
+               amp_dtype: torch.dtype | None, grad_clip: float | None, step: int,
+               last_checkpoint: Path | None) -> dict[str, float]:
+    """One optimizer step on this rank's slice of the global batch; the losses averaged over ranks."""
+    out = forward_losses(model, batch, amp_dtype)
+    values = loss_values(out)
+    check_finite(step, values, last_checkpoint)
+    backward_and_update(out["loss"], model, optimizer, grad_clip)
+    return values
+
+
+def log_step(metrics: "MetricsLog", tb, bar, step: int, values: Mapping[str, float], lr: float,
+             img_per_s: float) -> None:
+    """Rank 0: a metrics.csv row, TensorBoard scalars, the progress bar."""
+    metrics.write(step, values, lr, img_per_s)
+    if tb is not None:
+        for name, v in values.items():
+            tb.add_scalar(f"loss/{name}", v, step)
+        tb.add_scalar("lr", lr, step)
+        tb.add_scalar("img_per_s", img_per_s, step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{img_per_s:.0f}", refresh=False)
+
+
+def save_run_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        loader, shared: Mapping, cfg: Mapping, keep: int) -> Path:
+    """Every rank: the checkpoint of ``step``, with each rank's own RNG state and loader position.
+
+    The per-rank parts are gathered on rank 0 (``state["ranks"][r]``). FSDP2: every rank writes
+    its shards (``save_sharded_checkpoint``); otherwise rank 0 writes the weights and optimizer.
+    """
+    mine = {"rng": capture_rng(), "loader": loader.state_dict() if hasattr(loader, "state_dict") else None}
+    state = {**shared, "ranks": distributed.gather_to_main(mine)}
+    if distributed.is_sharded(model):
+        return save_sharded_checkpoint(out_dir, step, model, optimizer, state, cfg, keep=keep)
+    path = out_dir / "checkpoints" / checkpoint_name(step)
+    if distributed.is_main():
+        path = save_checkpoint(out_dir, step, model, {**state, "optimizer": optimizer.state_dict()}, cfg, keep=keep)
+    distributed.barrier()
+    return path
+
+
+def restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
+            images_per_step: int) -> int:
+    """Every rank: load a checkpoint for ``--resume``; returns its step.
+
+    Rank r takes its own RNG state and loader position. Saved by N processes and resumed by M:
+    ranks >= N start fresh RNG streams and take rank 0's loader position. The position is the
+    index of the next global batch in its epoch, the same for every rank: with the same global
+    batch (``world_size x train.batch_size``) it is the same images whatever M is.
+    """
+    state = load_training_state(checkpoint, model, optimizer)
+    rank = distributed.rank()
+    mine = rank_state(state, rank)
+    position = (mine or rank_state(state, 0) or {}).get("loader")
+    if position is not None and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(position)
+    if mine is not None and mine.get("rng") is not None:
+        restore_rng(mine["rng"])
+    saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch", images_per_step)
+    if distributed.is_main() and (saved_world != distributed.world_size() or saved_batch != images_per_step):
+        warnings.warn(f"resuming {checkpoint} (written by {saved_world} processes, global batch {saved_batch}) on "
+                      f"{distributed.world_size()} processes with global batch {images_per_step}: the data "
+                      f"position is the global batch index, "
+                      + ("the same images as before." if saved_batch == images_per_step else
+                         "which now counts batches of another size: not the images an uninterrupted run "
+                         "would see."), RuntimeWarning, stacklevel=2)
+    return int(state["step"])
