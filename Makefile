@@ -1,6 +1,7 @@
 # Two commands for a newcomer:
 #   make demo   set up .venv, pretrain the tiny model on the embedded data, kNN-evaluate, draw concept maps
 #   make test   set up .venv and run the whole test suite (what .ci/run calls)
+# On a lent GPU machine (no registry there): `make gpu` builds and runs every GPU check and benchmark.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # torch and torchvision come from the local disk on our machines; the ranges in setup.py admit 2.11..2.14.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu gpu-wheels clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +23,23 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/stellar demo --out runs/demo
 
+# tests/conftest.py sets TRITON_INTERPRET=1 where no GPU is present; with a GPU the kernels run for real.
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks/bench_*.py -q
+
+# Every GPU check and benchmark in one command, inside ~8 minutes (benchmarks/gpu.sh says what runs);
+# uses the machine's python (PYTHON=...), installs nothing from a registry.
+gpu:
+	bash benchmarks/gpu.sh
+
+# Wheels the GPU machine cannot download (torchao for train.fp8), into build/wheels: run here,
+# then carry build/wheels to the GPU machine; `make gpu` installs them first.
+gpu-wheels:
+	mkdir -p build/wheels
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 -d build/wheels 'torchao>=0.16,<0.19'
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

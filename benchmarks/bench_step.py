@@ -403,12 +403,29 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (TFLOP/s)")
     p.add_argument("--cpu-compile-backend", default="aot_eager", help="torch.compile backend for CPU variants")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--headline", default=None, metavar="JSON", help="print one line from a --json report and exit")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     return p.parse_args(argv)
 
 
+def headline(path: str) -> str:
+    """One line for a summary table: the fastest variant against the reference, from a --json report."""
+    r = json.loads(Path(path).read_text())
+    if not r["results"]:
+        return "no variant ran: " + "; ".join(r["notes"])
+    ref = r["results"][0]
+    best = min(r["results"], key=lambda x: x["ms_per_step"])
+    peak = f", peak {best['peak_gb']:.1f} GB" if best.get("peak_gb") is not None else ""
+    mfu = f", MFU {100 * best['mfu']:.0f} %" if best.get("mfu") is not None else ""
+    return (f"batch {r['batch']}: {best['variant']} {best['img_per_s']:.0f} img/s = "
+            f"{ref['ms_per_step'] / best['ms_per_step']:.2f}x reference ({ref['img_per_s']:.0f} img/s){mfu}{peak}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.headline:
+        print(headline(args.headline))
+        return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     cuda = device.type == "cuda"
