@@ -57,10 +57,13 @@ def collect_info() -> dict:
             "numpy": _version("numpy"),
             "safetensors": _version("safetensors"),
             "dali": _version("nvidia.dali"),
+            "torchao": _version("torchao"),
+            "xformers": _version("xformers"),
         },
         "devices": devices(),
         "kernels": _probe("stellar.kernels", "stellar.kernels:backend_info"),
         "extension": _probe("stellar._ext", "stellar._ext:extension_info"),
+        "attention": _probe("packed attention (model.attention)", "stellar.nn.vit:attention_info"),
     }
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["VIT_PRESETS", "ATTENTION_BACKENDS", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed",
-           "VisionTransformer", "vit_preset", "xformers_status", "resolve_attention"]
+           "VisionTransformer", "vit_preset", "xformers_status", "resolve_attention", "attention_info"]
 
 # How packed groups run their attention (see the module docstring); "auto" resolves to "sdpa".
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "xformers")
@@ -114,6 +114,18 @@ def resolve_attention(backend: str) -> str:
 
 
 _fallback_warned: set[str] = set()
+
+
+def attention_info() -> dict:
+    """What each ``model.attention`` choice runs here (for ``stellar info``)."""
+    xf = xformers_status()
+    return {
+        "auto": "sdpa: one scaled_dot_product_attention per view group (faster than one varlen call "
+                "on an H200: 2.69 vs 4.37 ms per ViT-B layer, fwd+bwd)",
+        "varlen": ("torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16)" if _varlen_fn() is not None
+                   else "not in this torch"),
+        "xformers": ("loads: " if xf["loads"] else "does not load: ") + xf["reason"],
+    }
 
 
 def _packed_backend(backend: str, qkv: Tensor) -> str:
