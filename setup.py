@@ -189,7 +189,8 @@ setup(
         # transformers (tests only: `model.init` itself needs neither).
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ninja", *EVAL_REQUIRES,
                 "timm>=1.0,<2", "transformers>=4.40,<6"],
-        "dali": ["nvidia-dali-cuda130"],
+        # exec_dynamic, run(cuda_stream, **inputs) and decoders.image(adjust_orientation=) as stellar.data.dali uses them
+        "dali": ["nvidia-dali-cuda130>=2.0,<3"],
         "triton": ["triton>=3.4"],
     },
     entry_points={"console_scripts": ["stellar=stellar.cli:main"]},

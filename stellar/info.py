@@ -64,6 +64,7 @@ def collect_info() -> dict:
         "kernels": _probe("stellar.kernels", "stellar.kernels:backend_info"),
         "extension": _probe("stellar._ext", "stellar._ext:extension_info"),
         "attention": _probe("packed attention (model.attention)", "stellar.nn.vit:attention_info"),
+        "data": _probe("stellar.data", "stellar.data.loader:backend_info"),
     }
 
 

@@ -1,165 +1,97 @@
-"""The DALI CPU pipeline end to end on a folder of JPEG, PNG, grayscale, CMYK and broken files."""
-import warnings
+"""The dali backend's decode step (CPU pipeline here): bytes in, RGB out without a copy, the
+executor mode and device passed explicitly, failed batches recovered, import failures reported."""
+import builtins
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_check import make_image_folder
+from test_backends import make_realish_folder
 
-from stellar.data import check, dali
+from stellar import _ext
+from stellar.data import dali, decode
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'stellar[dali]')")
 
-from stellar.data.gpu_loaders import DaliLoader, build_dali_loader, list_image_folder  # noqa: E402
+from stellar.data.loader import DaliLoader, build_loader  # noqa: E402
 
-
-def _pil_rgb(path):
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB")))
-
-
-def _same_image(a, b):
-    """Equal up to the CMYK -> RGB rounding of the decoders (PIL and libjpeg-turbo differ by 1)."""
-    return a.shape == b.shape and (a.int() - b.int()).abs().max().item() <= 2
+SMALL = dict(batch_size=3, num_workers=0, device="cpu", seed=5, global_size=16, local_size=8, num_global=2,
+             num_local=2, patch_size=4, drop_last=False)
 
 
-def _loader(root, **kw):
-    kw = {"batch_size": 3, "num_workers": 1, "device": "cpu", "seed": 5, "views": "reference", **kw}
-    return DaliLoader(root, **kw)
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali")
+    good, bad = make_realish_folder(root)
+    return root, good, bad
 
 
-def _epoch(loader):
-    """Files (absolute paths) of one epoch in order, images checked against PIL on the way."""
-    decodable = {}
-    for f, lab in zip(loader.files, loader.labels):
-        try:
-            decodable[f] = (lab, _pil_rgb(f))
-        except OSError:
-            pass
-    seen = []
-    for images, labels in loader.iter_decoded():
-        assert len(images) == len(labels)
-        for img, label in zip(images, labels.tolist()):
-            # which file: the label and the pixels must agree with exactly one listed file
-            assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[2] == 3
-            matches = [f for f, (lab, ref) in decodable.items() if lab == label and _same_image(ref, img)]
-            assert len(matches) == 1, "a decoded image matches no file of its class"
-            seen.append(matches[0])
-    return seen
+def test_pipeline_decodes_bytes_to_rgb_without_a_copy(folder):
+    _, good, _ = folder
+    files = [p for p in good if p.endswith((".jpg", ".png")) and "gray16" not in p and "cmyk" not in p]
+    pipe = dali.build_decoder(batch_size=len(files), num_threads=1)
+    assert pipe.exec_dynamic and pipe.device_id is None and pipe.prefetch_queue_depth == 1
+    encoded = [np.frombuffer(decode.read_bytes(p), np.uint8) for p in files]
+    images, outputs = dali.decode_batch(pipe, encoded)
+    assert len(images) == len(files)
+    for path, img, i in zip(files, images, range(len(files))):
+        assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[2] == 3
+        assert img.data_ptr() == outputs[i].data_ptr()  # the torch tensor aliases DALI's buffer
+        # as stored (orientation is the loader's step): the reference before its orientation
+        ref = decode.decode_file(path)
+        upright = decode.apply_orientation(img, decode.read_orientation(decode.read_bytes(path)), layout="HWC")
+        assert torch.equal(upright.permute(2, 0, 1), ref), path
+    images, _ = dali.decode_batch(pipe, encoded[:2])  # a smaller batch through the same pipeline
+    assert len(images) == 2
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 3])
-def test_reader_shards_are_disjoint_and_cover(tmp_path, num_shards):
-    good, _ = make_image_folder(tmp_path, n_per_class=4, bad=False)
-    seen = []
-    for shard in range(num_shards):
-        pipe = dali.build_pipeline(good, batch_size=2, shard_id=shard, num_shards=num_shards, num_threads=1)
-        start, end = dali.shard_range(len(good), shard, num_shards)
-        got = []
-        for _ in range(-(-(end - start) // 2)):
-            images, index = dali.run_to_torch(pipe)
-            got += index.tolist()[: end - start - len(got)]
-        assert got == list(range(start, end))  # DALI's split is the one shard_range computes
-        seen += got
-    assert sorted(seen) == list(range(len(good)))
+def test_a_failed_batch_is_decoded_by_the_reference_and_the_pipeline_rebuilt(folder, monkeypatch):
+    """DALI refusing a whole batch (as it does for one bad file) loses no sample: its files come
+    from the reference decode, the batch is the reference's, the next batch uses a new pipeline."""
+    if not _ext.is_available():
+        pytest.skip("stellar._C is not built")
+    root, _, _ = folder
+    ref = list(build_loader(root, backend="reference", **SMALL))
+    real = dali.decode_batch
+    calls = {"n": 0}
+
+    def fail_second(pipe, encoded, stream=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("Critical error in pipeline: nvImageCodec failure: '#1'")
+        return real(pipe, encoded, stream)
+
+    monkeypatch.setattr(dali, "decode_batch", fail_second)
+    loader = build_loader(root, backend="dali", **SMALL)
+    got = list(loader)
+    assert loader.rebuilds == 1 and calls["n"] == len(got)
+    for a, b in zip(ref, got):
+        for key in ("index", "crops", "keep"):
+            assert torch.equal(a[key], b[key]), key
+    # the failed batch came from the reference decode: its views equal the reference's (op vs twin)
+    torch.testing.assert_close(got[1]["global_views"], ref[1]["global_views"], atol=1e-5, rtol=0)
 
 
-def test_pipeline_decodes_every_kind_to_rgb_without_a_copy(tmp_path):
-    good, _ = make_image_folder(tmp_path, bad=False)
-    pipe = dali.build_pipeline(good, batch_size=len(good), num_threads=1)
-    images, index = dali.run_to_torch(pipe)
-    assert index.tolist() == list(range(len(good)))
-    for path, img in zip(good, images):
-        assert _same_image(img, _pil_rgb(path)), path  # grayscale / CMYK / alpha PNG -> RGB
-        if not path.endswith("cmyk.jpg"):
-            assert torch.equal(img, _pil_rgb(path)), path
-    raw, _ = pipe.run()  # the torch tensors alias DALI's buffers
-    aliased = [torch.from_dlpack(raw[i]) for i in range(len(raw))]
-    assert all(t.data_ptr() == raw[i].data_ptr() for i, t in enumerate(aliased))
-
-
-def test_failed_file_names_the_file(tmp_path):
-    _, bad = make_image_folder(tmp_path)
-    truncated = [p for p in bad if p.endswith("trunc.jpg")]
-    pipe = dali.build_pipeline(truncated, batch_size=1, num_threads=1)
-    with pytest.raises(RuntimeError) as info:
-        dali.run_to_torch(pipe)
-    assert dali.failed_file(info.value) == truncated[0]
-
-
-def test_loader_skips_listed_files_before_the_first_epoch(tmp_path):
-    good, bad = make_image_folder(tmp_path)
-    loader = _loader(tmp_path, drop_last=False)
-    assert (tmp_path / "train" / check.BAD_LIST_NAME).is_file()  # checked before the first epoch
-    assert loader.skipped == len(bad)
-    assert len(loader) == -(-len(good) // 3)
-    seen = _epoch(loader)
-    assert sorted(seen) == good and len(seen) == len(good)
-    assert loader.rebuilds == 0
-
-
-def test_loader_recovers_from_decode_failures_without_losing_the_epoch(tmp_path):
-    good, bad = make_image_folder(tmp_path)
-    loader = _loader(tmp_path, drop_last=False, check=False)  # no list: the failures happen at run time
-    assert loader.skipped == 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        seen = _epoch(loader)
-    assert sorted(seen) == good  # every good file once, none lost to a rebuild
-    assert loader.skipped == len(bad) and loader.rebuilds >= 1
-    assert sum("skipping" in str(w.message) for w in caught) == len(bad)
-    assert sorted(loader.state_dict()["runtime_bad"]) == bad
-    again = _epoch(loader)  # the next epoch leaves them out up front: no rebuild
-    rebuilds = loader.rebuilds
-    assert sorted(again) == good and loader.rebuilds == rebuilds and again != seen  # reshuffled
-
-
-def test_loader_full_batches_with_drop_last_and_resume(tmp_path):
-    good, _ = make_image_folder(tmp_path, n_per_class=4)
-    loader = _loader(tmp_path, batch_size=2, drop_last=True, check=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = [labels.tolist() for _, labels in loader.iter_decoded()]
-        assert all(len(b) == 2 for b in full) and len(full) == len(good) // 2
-        loader.set_epoch(0)
-        it = loader.iter_decoded()
-        first = [next(it)[1].tolist() for _ in range(2)]
-        state = loader.state_dict()
-        resumed = _loader(tmp_path, batch_size=2, drop_last=True, check=False)
-        resumed.load_state_dict(state)
-        rest = [labels.tolist() for _, labels in resumed.iter_decoded()]
-    assert first + rest == full
-    assert resumed.skipped == loader.skipped
-
-
-def test_loader_shards_by_rank_are_disjoint_and_cover(tmp_path):
-    good, bad = make_image_folder(tmp_path, n_per_class=4)
-    check.check_images(tmp_path / "train")
-    shards = [_epoch(_loader(tmp_path, rank=r, world_size=3, drop_last=False)) for r in range(3)]
-    assert sum(len(s) for s in shards) == len(good)
-    assert sorted(sum(shards, [])) == good
-
-
-def test_list_image_folder_labels(tmp_path):
-    good, bad = make_image_folder(tmp_path)
-    files, labels, classes = list_image_folder(tmp_path, "train")
-    assert classes == ["c0", "c1"] and sorted(files) == sorted(good + bad)
-    assert all(f"/c{lab}/" in f for f, lab in zip(files, labels))
-    with pytest.raises(NotADirectoryError, match="root"):
-        list_image_folder(tmp_path / "missing", "train")
-
-
-def test_build_dali_loader_without_dali_says_how_to_install(monkeypatch, tmp_path):
-    make_image_folder(tmp_path, bad=False)
-    import builtins
-
+def test_dali_that_does_not_import_says_why(monkeypatch, folder):
+    root, _, _ = folder
     real_import = builtins.__import__
 
-    def no_dali(name, *args, **kwargs):
+    def broken(name, *args, **kwargs):
         if name.startswith("nvidia.dali") or name == "nvidia":
-            raise ImportError("No module named 'nvidia.dali'")
+            raise OSError("libnvimgcodec.so.0: cannot open shared object file")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_dali)
-    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
-        build_dali_loader(tmp_path, batch_size=2, device="cpu")
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert dali.dali_status() == (False, "OSError: libnvimgcodec.so.0: cannot open shared object file")
+    with pytest.raises(ImportError, match="libnvimgcodec.*pip install 'stellar\\[dali\\]'"):
+        DaliLoader(root, **{k: v for k, v in SMALL.items() if k not in ("global_size", "local_size", "num_global",
+                                                                          "num_local", "patch_size")})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the mixed decoder on the loader's device")
+def test_gpu_pipeline_decodes_on_the_loaders_own_device(folder):
+    root, _, _ = folder
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # not device 0 where there are several
+    loader = build_loader(root, backend="dali", **{**SMALL, "device": device})
+    batch = next(iter(loader))
+    assert loader._pipe.device_id == device.index and loader._pipe.exec_dynamic
+    assert batch["global_views"].device == device and batch["keep"].device.type == "cpu"

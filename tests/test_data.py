@@ -164,3 +164,57 @@ def test_shapes_cached_and_checked(tmp_path, monkeypatch):
         ensure_shapes_dataset(tmp_path / "t", n_train=0)
     monkeypatch.setenv("STELLAR_DATA", str(tmp_path / "cache"))
     assert default_root() == tmp_path / "cache" / VERSION
+
+
+# ---------------------------------------------------------------------------------------------
+# ViewSpec (one description of the views, from the config) and the per-sample draws
+# ---------------------------------------------------------------------------------------------
+from stellar.data.draws import crop_rows, draw_samples  # noqa: E402
+from stellar.data.spec import ViewSpec  # noqa: E402
+
+
+def test_view_spec_from_config_matches_the_model():
+    from stellar.model import resolve_config
+    from stellar.train.config import load_config
+
+    cfg = load_config("tiny", ["model.masking={mask_ratio: 0.75, focal: block, focal_prob: 0.3}",
+                               "data.color={hue: 0.05, blur_p: 0.1}", "data.dtype=bfloat16"])
+    spec = ViewSpec.from_config(cfg)
+    model = resolve_config(cfg["model"])
+    assert spec.patch_size == model["patch_size"] == 8 and spec.global_size == 64 and spec.grid == 8
+    assert (spec.mask_ratio, spec.focal, spec.focal_prob) == (0.75, "block", 0.3)
+    assert spec.n_keep == int(64 * (1 - 0.75)) and spec.hue == 0.05 and spec.blur_p == 0.1
+    assert spec.torch_dtype == torch.bfloat16 and spec.num_global == cfg["data"]["num_global"]
+    assert ViewSpec.from_config({"data": {}, "model": {"masking": {"focal": "none"}}}).focal is None
+    with pytest.raises(ValueError, match="data.color"):
+        ViewSpec.from_config({"data": {"color": {"hues": 0.1}}, "model": {}})
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("global_size", 0, "global_size"), ("num_local", -1, "num_local"), ("global_scale", (0.5, 0.2), "global_scale"),
+    ("ratio", (0, 1), "ratio"), ("jitter_p", 1.5, "jitter_p"), ("hue", 0.7, "hue"), ("focal", "ring", "focal"),
+    ("mask_ratio", 1.0, "mask_ratio"), ("dtype", "float16", "dtype"), ("local_size", 100, "local_size"),
+    ("mask_ratio", 0.999, "keeps no patch"),
+])
+def test_view_spec_names_the_bad_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ViewSpec(**{field: value})
+
+
+def test_draws_are_a_pure_function_of_seed_epoch_position():
+    spec = ViewSpec(global_size=32, local_size=16, num_global=3, num_local=2, patch_size=8)
+    a = draw_samples(spec, 7, 2, [5, 9, 0])
+    b = draw_samples(spec, 7, 2, [0, 5])  # other batch mates, other order: the same per-sample draws
+    assert torch.equal(a.uniforms[0], b.uniforms[1]) and torch.equal(a.keep[2], b.keep[0])
+    for other in (draw_samples(spec, 8, 2, [5]), draw_samples(spec, 7, 3, [5]), draw_samples(spec, 7, 2, [6])):
+        assert not torch.equal(other.uniforms[0], a.uniforms[0])
+    assert a.keep.shape == (3, 3, spec.n_keep) and (a.keep.diff(dim=-1) > 0).all()
+    assert len({tuple(k.tolist()) for k in a.keep.flatten(0, 1)}) == 9  # each view its own mask
+    rows = crop_rows(spec, a, [(40, 50), (33, 21), (64, 64)])
+    assert rows.shape == (3 * 6, 12) and rows[:3, 0].tolist() == [0, 1, 2]
+    # rows depend on the image's size, not on its batch mates
+    alone = crop_rows(spec, draw_samples(spec, 7, 2, [9]), [(33, 21)])
+    B, G, Lc = 3, 3, 2
+    assert torch.equal(alone[0, 1:], rows[1, 1:])
+    assert torch.equal(alone[1:1 + G, 1:], rows[B + G:B + 2 * G, 1:])
+    assert torch.equal(alone[1 + G:, 1:], rows[B + B * G + Lc:B + B * G + 2 * Lc, 1:])

@@ -74,6 +74,17 @@ _TRIES = 10  # RandomResizedCrop tries before the central fallback
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
+# Each view's row is a function of 31 uniforms in [0, 1) and the source size, so that the draws
+# of one sample can come from a generator of its own (`stellar.data.draws`: seeded by the
+# sample's (seed, epoch, position)) while the rows of a whole batch are computed at once.
+# Uniforms of one view, in order: 10 window areas, 10 log aspect ratios, y, x (the window's
+# place), flip, then the colour draws: jitter on/off, brightness, contrast, saturation, hue,
+# grayscale on/off, blur on/off, blur sigma.
+U_AREA, U_LOG_RATIO = slice(0, _TRIES), slice(_TRIES, 2 * _TRIES)
+U_Y, U_X, U_FLIP, U_JITTER, U_BRIGHTNESS, U_CONTRAST, U_SATURATION, U_HUE, U_GRAY, U_BLUR, U_SIGMA = range(
+    2 * _TRIES, 2 * _TRIES + 11
+)
+NUM_UNIFORMS = 2 * _TRIES + 11
 
 
 def _check_range(name, value, low_ok=0.0):
@@ -85,24 +96,23 @@ def _check_range(name, value, low_ok=0.0):
     return lo, hi
 
 
-def _uniform(shape, lo, hi, generator, dtype=torch.float64):
-    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+def _between(u, lo, hi):
+    return lo + (hi - lo) * u
 
 
-def sample_windows(heights, widths, scale, ratio, generator):
-    """RandomResizedCrop windows, one per entry, with torchvision's semantics.
+def windows_from_uniforms(u, heights, widths, scale, ratio):
+    """RandomResizedCrop windows, one per row of `u`, with torchvision's semantics.
 
-    heights, widths: LongTensor[K] source sizes. For each entry up to 10 tries of
-    area ~ U(scale) * H * W and log aspect ~ U(log ratio); the first try that fits inside the
-    image wins, else the central crop clipped to `ratio` (torchvision's fallback).
+    u: Tensor[K, >= 22] float64 uniforms (columns U_AREA, U_LOG_RATIO, U_Y, U_X used);
+    heights, widths: LongTensor[K] source sizes. Up to 10 tries of area ~ U(scale) * H * W and
+    log aspect ~ U(log ratio); the first try that fits inside the image wins, else the central
+    crop clipped to `ratio` (torchvision's fallback).
     Returns (y0, x0, h, w), each LongTensor[K]; windows always lie inside the image.
     """
-    K = heights.numel()
     Hf, Wf = heights.double(), widths.double()
     area = (Hf * Wf)[:, None]
-    target = area * _uniform((K, _TRIES), scale[0], scale[1], generator)
-    log_r = _uniform((K, _TRIES), math.log(ratio[0]), math.log(ratio[1]), generator)
-    aspect = torch.exp(log_r)
+    target = area * _between(u[:, U_AREA], scale[0], scale[1])
+    aspect = torch.exp(_between(u[:, U_LOG_RATIO], math.log(ratio[0]), math.log(ratio[1])))
     w_try = torch.round(torch.sqrt(target * aspect)).long()
     h_try = torch.round(torch.sqrt(target / aspect)).long()
     ok = (w_try > 0) & (w_try <= widths[:, None]) & (h_try > 0) & (h_try <= heights[:, None])
@@ -113,19 +123,13 @@ def sample_windows(heights, widths, scale, ratio, generator):
 
     # Central fallback, clipped to the ratio range.
     in_ratio = Wf / Hf
-    fb_w = widths.clone()
-    fb_h = heights.clone()
-    narrow = in_ratio < ratio[0]
-    wide = in_ratio > ratio[1]
-    fb_h = torch.where(narrow, torch.round(Wf / ratio[0]).long(), fb_h)
-    fb_w = torch.where(wide, torch.round(Hf * ratio[1]).long(), fb_w)
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(Wf / ratio[0]).long(), heights)
+    fb_w = torch.where(in_ratio > ratio[1], torch.round(Hf * ratio[1]).long(), widths)
     fb_h = fb_h.clamp(1, None).minimum(heights)
     fb_w = fb_w.clamp(1, None).minimum(widths)
 
-    u_y = torch.rand(K, generator=generator, dtype=torch.float64)
-    u_x = torch.rand(K, generator=generator, dtype=torch.float64)
-    y_rand = torch.floor(u_y * (heights - h + 1).clamp(min=1)).long().minimum((heights - h).clamp(min=0))
-    x_rand = torch.floor(u_x * (widths - w + 1).clamp(min=1)).long().minimum((widths - w).clamp(min=0))
+    y_rand = torch.floor(u[:, U_Y] * (heights - h + 1).clamp(min=1)).long().minimum((heights - h).clamp(min=0))
+    x_rand = torch.floor(u[:, U_X] * (widths - w + 1).clamp(min=1)).long().minimum((widths - w).clamp(min=0))
 
     y0 = torch.where(any_ok, y_rand, (heights - fb_h) // 2)
     x0 = torch.where(any_ok, x_rand, (widths - fb_w) // 2)
@@ -134,13 +138,21 @@ def sample_windows(heights, widths, scale, ratio, generator):
     return y0, x0, h, w
 
 
-def sample_crop_params(
-    sizes: Sequence[Sequence[int]],
-    n_views: int,
-    size: Optional[int] = None,
+def _check_color(flip_p, jitter_p, grayscale_p, blur_p, hue, blur_sigma):
+    for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    if not 0.0 <= float(hue) <= 0.5:
+        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
+    return _check_range("blur_sigma", blur_sigma, 1e-12)
+
+
+def rows_from_uniforms(
+    u: torch.Tensor,
+    heights: torch.Tensor,
+    widths: torch.Tensor,
     scale: Sequence[float] = (0.36, 1.0),
     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-    generator: Optional[torch.Generator] = None,
     color: bool = True,
     flip_p: float = 0.5,
     jitter_p: float = 0.8,
@@ -152,6 +164,55 @@ def sample_crop_params(
     blur_p: float = 0.5,
     blur_sigma: Sequence[float] = (0.1, 2.0),
 ) -> torch.Tensor:
+    """Crop rows from uniforms: Tensor[K, NUM_UNIFORMS] float64 in [0, 1) -> Tensor[K, 12] float32.
+
+    heights, widths: LongTensor[K], the source size of each row's image. Column 0 (image_index)
+    is left 0 for the caller. The distributions are those of `sample_crop_params`.
+    """
+    scale = _check_range("scale", scale, 0.0)
+    ratio = _check_range("ratio", ratio, 1e-12)
+    blur_sigma = _check_color(flip_p, jitter_p, grayscale_p, blur_p, hue, blur_sigma)
+    if u.dim() != 2 or u.shape[1] != NUM_UNIFORMS:
+        raise ValueError(f"u must be a Tensor[K, {NUM_UNIFORMS}] of uniforms, got {tuple(u.shape)}")
+    K = u.shape[0]
+    u = u.double()
+    rows = torch.zeros(K, NUM_COLS, dtype=torch.float64)
+    rows[:, BRIGHTNESS] = rows[:, CONTRAST] = rows[:, SATURATION] = 1.0
+    if K == 0:
+        return rows.float()
+    y0, x0, h, w = windows_from_uniforms(u, heights, widths, scale, ratio)
+    rows[:, Y0], rows[:, X0], rows[:, H], rows[:, W] = y0.double(), x0.double(), h.double(), w.double()
+    rows[:, FLIP] = (u[:, U_FLIP] < flip_p).double()
+    if color:
+        jitter = u[:, U_JITTER] < jitter_p
+        one = torch.ones(K, dtype=torch.float64)
+        for col, uc, x in ((BRIGHTNESS, U_BRIGHTNESS, brightness), (CONTRAST, U_CONTRAST, contrast),
+                           (SATURATION, U_SATURATION, saturation)):
+            rows[:, col] = torch.where(jitter, _between(u[:, uc], max(0.0, 1 - x), 1 + x), one)
+        rows[:, HUE] = torch.where(jitter, _between(u[:, U_HUE], -hue, hue), one * 0)
+        rows[:, GRAYSCALE] = (u[:, U_GRAY] < grayscale_p).double()
+        rows[:, BLUR_SIGMA] = torch.where(u[:, U_BLUR] < blur_p, _between(u[:, U_SIGMA], *blur_sigma), one * 0)
+    return rows.float()
+
+
+def _sizes(sizes):
+    sizes = [tuple(int(v) for v in s) for s in sizes]
+    for s in sizes:
+        if len(s) != 2 or s[0] < 1 or s[1] < 1:
+            raise ValueError(f"sizes must hold (H, W) pairs of positive ints, got {s!r}")
+    return sizes
+
+
+def sample_crop_params(
+    sizes: Sequence[Sequence[int]],
+    n_views: int,
+    size: Optional[int] = None,
+    scale: Sequence[float] = (0.36, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: Optional[torch.Generator] = None,
+    color: bool = True,
+    **color_kwargs,
+) -> torch.Tensor:
     """Draw `n_views` crop rows per source image (STELLAR.md section 5 probabilities).
 
     sizes: [(H, W), ...] of the source images. Rows are image-major: row i * n_views + v is
@@ -160,7 +221,9 @@ def sample_crop_params(
     Every view draws its own values: window (RandomResizedCrop, 10 tries then the central
     fallback), flip with `flip_p`; when `color`, colour jitter with `jitter_p` (factors
     uniform in [max(0, 1-x), 1+x], hue shift uniform in [-hue, hue]; 1/1/1/0 when not
-    applied), grayscale with `grayscale_p`, blur with `blur_p` and sigma ~ U(blur_sigma).
+    applied), grayscale with `grayscale_p`, blur with `blur_p` and sigma ~ U(blur_sigma)
+    (`color_kwargs`: flip_p, jitter_p, brightness, contrast, saturation, hue, grayscale_p,
+    blur_p, blur_sigma; defaults as `rows_from_uniforms`).
     `color=False` gives rows with identity colour values (the un-augmented `image` view).
     Deterministic for a seeded `generator`.
     Returns Tensor[K, 12] float32, K = len(sizes) * n_views (see the module docstring).
@@ -169,50 +232,54 @@ def sample_crop_params(
         raise ValueError(f"size must be a positive int (the output side) or None, got {size!r}")
     if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 0:
         raise ValueError(f"n_views must be a non-negative int, got {n_views!r}")
-    scale = _check_range("scale", scale, 0.0)
-    ratio = _check_range("ratio", ratio, 1e-12)
-    blur_sigma = _check_range("blur_sigma", blur_sigma, 1e-12)
-    for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
-    if not 0.0 <= float(hue) <= 0.5:
-        raise ValueError(f"hue must be in [0, 0.5], got {hue!r}")
-    sizes = [tuple(int(v) for v in s) for s in sizes]
-    for s in sizes:
-        if len(s) != 2 or s[0] < 1 or s[1] < 1:
-            raise ValueError(f"sizes must hold (H, W) pairs of positive ints, got {s!r}")
-
+    sizes = _sizes(sizes)
     K = len(sizes) * n_views
-    rows = torch.zeros(K, NUM_COLS, dtype=torch.float64)
-    rows[:, BRIGHTNESS] = 1.0
-    rows[:, CONTRAST] = 1.0
-    rows[:, SATURATION] = 1.0
-    if K == 0:
-        return rows.float()
-
+    u = torch.rand(K, NUM_UNIFORMS, generator=generator, dtype=torch.float64)
     heights = torch.tensor([s[0] for s in sizes], dtype=torch.long).repeat_interleave(n_views)
     widths = torch.tensor([s[1] for s in sizes], dtype=torch.long).repeat_interleave(n_views)
-    y0, x0, h, w = sample_windows(heights, widths, scale, ratio, generator)
-    rows[:, IMAGE_INDEX] = torch.arange(len(sizes), dtype=torch.float64).repeat_interleave(n_views)
-    rows[:, Y0], rows[:, X0], rows[:, H], rows[:, W] = y0.double(), x0.double(), h.double(), w.double()
-    rows[:, FLIP] = (torch.rand(K, generator=generator, dtype=torch.float64) < flip_p).double()
+    rows = rows_from_uniforms(u, heights, widths, scale, ratio, color, **color_kwargs)
+    rows[:, IMAGE_INDEX] = torch.arange(len(sizes), dtype=torch.float32).repeat_interleave(n_views)
+    return rows
 
-    if color:
-        jitter = torch.rand(K, generator=generator, dtype=torch.float64) < jitter_p
-        factors = {
-            BRIGHTNESS: _uniform(K, max(0.0, 1 - brightness), 1 + brightness, generator),
-            CONTRAST: _uniform(K, max(0.0, 1 - contrast), 1 + contrast, generator),
-            SATURATION: _uniform(K, max(0.0, 1 - saturation), 1 + saturation, generator),
-        }
-        for col, f in factors.items():
-            rows[:, col] = torch.where(jitter, f, torch.ones_like(f))
-        shift = _uniform(K, -hue, hue, generator)
-        rows[:, HUE] = torch.where(jitter, shift, torch.zeros_like(shift))
-        rows[:, GRAYSCALE] = (torch.rand(K, generator=generator, dtype=torch.float64) < grayscale_p).double()
-        blur = torch.rand(K, generator=generator, dtype=torch.float64) < blur_p
-        sigma = _uniform(K, blur_sigma[0], blur_sigma[1], generator)
-        rows[:, BLUR_SIGMA] = torch.where(blur, sigma, torch.zeros_like(sigma))
-    return rows.float()
+
+def multicrop_rows(
+    u: torch.Tensor,
+    sizes: Sequence[Sequence[int]],
+    num_global: int = 8,
+    num_local: int = 8,
+    global_scale: Sequence[float] = (0.36, 1.0),
+    local_scale: Sequence[float] = (0.06, 0.36),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    **color_kwargs,
+) -> dict:
+    """The rows of STELLAR's views of B images from their uniforms.
+
+    u: Tensor[B, 1 + num_global + num_local, NUM_UNIFORMS] (per image: `image`, then the global
+    views, then the local views); sizes: B (H, W) pairs. Returns {"image": Tensor[B, 12],
+    "global": Tensor[B * num_global, 12], "local": Tensor[B * num_local, 12]} (image-major, column
+    0 = the image's index in the batch): `image` has no colour augmentation; the first global
+    view of each image reuses the `image` window and flip, plus its own colour draw; the other
+    global and all local views draw everything themselves.
+    """
+    sizes = _sizes(sizes)
+    B, G, Lc = len(sizes), num_global, num_local
+    if tuple(u.shape) != (B, 1 + G + Lc, NUM_UNIFORMS):
+        raise ValueError(f"u must be a Tensor[B={B}, {1 + G + Lc}, {NUM_UNIFORMS}], got {tuple(u.shape)}")
+    hw = torch.tensor(sizes, dtype=torch.long).view(B, 2)
+
+    def group(lo, n, scale, color):
+        rows = rows_from_uniforms(u[:, lo : lo + n].reshape(B * n, NUM_UNIFORMS), hw[:, 0].repeat_interleave(n),
+                                  hw[:, 1].repeat_interleave(n), scale, ratio, color, **color_kwargs)
+        rows[:, IMAGE_INDEX] = torch.arange(B, dtype=torch.float32).repeat_interleave(n)
+        return rows
+
+    image = group(0, 1, global_scale, False)
+    glob = group(1, G, global_scale, True)
+    local = group(1 + G, Lc, local_scale, True)
+    if G > 0:
+        first = torch.arange(B) * G
+        glob[first, Y0 : FLIP + 1] = image[:, Y0 : FLIP + 1]
+    return {"image": image, "global": glob, "local": local}
 
 
 def sample_multicrop_params(
@@ -225,20 +292,11 @@ def sample_multicrop_params(
     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
     **color_kwargs,
 ) -> dict:
-    """The rows of STELLAR's views for a batch of images (STELLAR.md section 5).
-
-    Returns {"image": Tensor[B, 12], "global": Tensor[B * num_global, 12],
-    "local": Tensor[B * num_local, 12]}: `image` has no colour augmentation; the first global
-    view of each image reuses the `image` window and flip, plus its own colour draw; the
-    other global and all local views draw everything themselves.
-    """
-    image = sample_crop_params(sizes, 1, None, global_scale, ratio, generator, color=False, **color_kwargs)
-    glob = sample_crop_params(sizes, num_global, None, global_scale, ratio, generator, color=True, **color_kwargs)
-    local = sample_crop_params(sizes, num_local, None, local_scale, ratio, generator, color=True, **color_kwargs)
-    if num_global > 0:
-        first = torch.arange(len(sizes)) * num_global
-        glob[first, Y0 : FLIP + 1] = image[:, Y0 : FLIP + 1]
-    return {"image": image, "global": glob, "local": local}
+    """`multicrop_rows` for B images with uniforms drawn from `generator` (one draw for the batch;
+    the loaders draw per sample instead, `stellar.data.draws`). Returns its dict."""
+    sizes = _sizes(sizes)
+    u = torch.rand(len(sizes), 1 + num_global + num_local, NUM_UNIFORMS, generator=generator, dtype=torch.float64)
+    return multicrop_rows(u, sizes, num_global, num_local, global_scale, local_scale, ratio, **color_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

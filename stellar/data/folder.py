@@ -19,7 +19,7 @@ import torch
 
 from stellar.data import decode as _decode
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
 
 
 def decode_image(path: Union[str, Path]) -> torch.Tensor:
