@@ -36,3 +36,41 @@ def factorize(
     L = torch.softmax(logits.to(acc), dim=-1).to(dense.dtype)
     Z = torch.matmul(L, sparse_v)
     return Z, L
+
+
+# ----------------------------------------------------------------------------- prototype cross-entropy
+
+
+def prototype_cross_entropy(
+    features: Tensor,
+    prototypes: Tensor,
+    targets: Tensor,
+    temperature: float = 0.12,
+    target_index: Tensor | None = None,
+) -> Tensor:
+    """Reference prototype cross-entropy (the plain twin of `stellar.kernels.prototype_cross_entropy`).
+
+        logits = features @ prototypes^T / temperature              [M, C]
+        loss   = mean_m  -sum_c targets[idx(m), c] * log_softmax(logits[m])_c
+
+    Builds the [M, C] logits, their log-softmax and the gathered targets in memory: this is the
+    formula, not a fast path. 16-bit inputs are computed in float32 (as the kernels accumulate);
+    float32 and float64 stay as they are, so the float64 reference keeps float64 precision.
+
+    Args:
+        features: Tensor[M, K] (already normalised; not normalised here).
+        prototypes: Tensor[C, K].
+        targets: Tensor[T, C], soft targets; no gradient flows into them.
+        temperature: the softmax temperature (> 0).
+        target_index: integer Tensor[M] with values in [0, T): row m uses targets[target_index[m]];
+            None: T == M and row m uses targets[m].
+
+    Returns:
+        The loss, a float32 scalar (float64 for float64 features).
+    """
+    acc = torch.promote_types(features.dtype, torch.float32)
+    logits = torch.matmul(features.to(acc), prototypes.to(acc).t()) / temperature
+    t = targets.detach().to(acc)
+    if target_index is not None:
+        t = t[target_index]
+    return -(t * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
