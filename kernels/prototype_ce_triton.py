@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_BLOCK_K = 256  # widest K chunk of one program (the gradient accumulators are [64, BLOCK_K] fp32)
+MAX_BLOCK_K = 256  # widest K chunk: one 16-bit logits product, and the gradient columns of one program
 
 # ----------------------------------------------------------------------------- tier 1: kernels
 
@@ -305,10 +305,12 @@ def _device_guard(device: torch.device):
 
 def _target_programs(device: torch.device) -> int:
     """How many programs a launch should have to fill the device: two per SM on a GPU. In the
-    interpreter a small number, so that the tests' small shapes exercise the split paths."""
+    interpreter a small number, so that the tests' small shapes exercise the split paths; for
+    CPU tensors outside it (benchmarks/kernel_report.py compiles our launches without a GPU),
+    an H100 / H200's 132 SMs."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 4 if _interpreting() else 2 * 132
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -327,9 +329,9 @@ def _config(kind: str, M: int, C: int, K: int, dtype: torch.dtype) -> dict:
     and checked to compile without register spills for sm_90 (benchmarks/kernel_report.py), not
     yet tuned on a GPU:
       BLOCK_K  the K chunk of each logits product: all of K up to 256 for 16-bit inputs (then
-               the row tile, or the prototype block, is loaded once per program: SINGLE_K);
-               64 for float32 with TF32, 16 for exact "ieee" products (they run on FMA units,
-               which hold whole BLOCK_K-long operands per thread).
+               the row tile, or the prototype block, is loaded once per program: SINGLE_K),
+               64 beyond; 64 for float32 with TF32, 16 for exact "ieee" products (they run on
+               FMA units, which hold whole BLOCK_K-long operands per thread).
       BLOCK_N  the K chunk of the gradient a program accumulates, [64, BLOCK_N] fp32 (<= 256).
       BLOCK_M, BLOCK_C  the row tile and the prototype block (>= 16 for `tl.dot`).
     STELLAR_PROTOTYPE_CE_BLOCK_M / STELLAR_PROTOTYPE_CE_BLOCK_C override the last two."""
@@ -337,7 +339,10 @@ def _config(kind: str, M: int, C: int, K: int, dtype: torch.dtype) -> dict:
     precision = _precision(dtype)
     fma = dtype == torch.float32 and precision == "ieee" and not interpret  # exact fp32: no tensor cores
     block_n = min(_p2(K), MAX_BLOCK_K)
-    k_cap = MAX_BLOCK_K if dtype != torch.float32 else (16 if fma else 64)
+    if dtype == torch.float32:
+        k_cap = 16 if fma else 64
+    else:  # all of K in one product when it fits; otherwise 64-wide chunks (256 would spill)
+        k_cap = MAX_BLOCK_K if _p2(K) <= MAX_BLOCK_K else 64
     if interpret:
         bm, bc, warps, stages = 128, 256, 4, 1  # big tiles: the interpreter pays per program and step
     elif kind == "fwd":
@@ -509,3 +514,47 @@ def flops(M: int, C: int, K: int) -> dict:
     """Matrix-product flops of forward + backward: the useful 3 x 2MKC (logits, dx, dW) and what
     the kernels execute (forward 1 product, each backward kernel 2: the logits are recomputed)."""
     return {"useful": 3 * 2 * M * K * C, "executed": 5 * 2 * M * K * C}
+
+
+# ----------------------------------------------------------------------------- compile report
+
+
+def compile_report_cases(which: str) -> list:
+    """Cases for benchmarks/kernel_report.py (it compiles every launch of `case.call(module)` for
+    sm_90 on empty CPU tensors and counts registers and spills). production: forward and both
+    gradients at the model's shapes, M 16384 (T 2048, indexed: mask_loss) and M 2048 (no index:
+    clustering_loss), K 256, C 16384 and 65536, in bf16, fp16 and fp32 (TF32 and exact); then
+    K 64 and K 300 (two gradient chunks), not production (spills reported, not failed).
+    ci: bf16 and exact fp32 at M 16384, C 16384 (the distinct binaries but fp16 and TF32)."""
+    from types import SimpleNamespace
+
+    dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
+              "fp32-tf32": (torch.float32, True), "fp32-ieee": (torch.float32, False)}
+
+    def case(M, T, C, K, name, production=True):
+        dtype, tf32 = dtypes[name]
+
+        def call(mod):
+            x, w = torch.empty(M, K, dtype=dtype), torch.empty(C, K, dtype=dtype)
+            targets = torch.empty(M if T is None else T, C)
+            index = None if T is None else torch.empty(M, dtype=torch.int64)
+            was = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                mod.prototype_ce_forward(x, w, targets, index, 0.12)
+                mod.prototype_ce_backward(torch.empty(()), x, w, targets, index, torch.empty(3, M), 0.12)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = was
+
+        shape = f"M{M} K{K} C{C}" + (f" T{T} indexed" if T is not None else "")
+        return SimpleNamespace(shape=shape, dtype=name, call=call, production=production)
+
+    rows = [(16384, 2048), (2048, None)]
+    if which == "ci":
+        return [case(16384, 2048, 16384, 256, name) for name in ("bf16", "fp32-ieee")]
+    if which != "production":
+        raise ValueError(f"unknown case set {which!r} (production, ci)")
+    cases = [case(M, T, C, 256, name) for name in dtypes for M, T in rows for C in (16384, 65536)]
+    cases += [case(16384, 2048, 16384, K, name, production=False) for K in (64, 300) for name in ("bf16", "fp32-ieee")]
+    return cases
+

@@ -311,6 +311,26 @@ def test_triton_bad_index_never_reaches_the_kernel_read(gen):
     torch.testing.assert_close(stats[2].double(), want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif(not CUDA or INTERPRET, reason="the CUDA path: needs a GPU (and no TRITON_INTERPRET)")
+def test_triton_on_cuda_by_default_without_a_host_sync(gen):
+    """auto takes the kernels for CUDA tensors, and loss + backward never synchronize the host
+    (the index range is a device-side assertion; the upstream gradient is read on the device)."""
+    from stellar.kernels.prototype_ce import _resolve_backend
+
+    x, W, t, index = _inputs(300, 256, 4099, 20, torch.bfloat16, gen)
+    assert _resolve_backend("auto", x) == "triton"
+    x.requires_grad_()
+    W.requires_grad_()
+    prototype_cross_entropy(x, W, t, 0.12, index).backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (prototype_cross_entropy(x, W, t, 0.12, index) * 2).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def test_auto_uses_the_reference_off_cuda(gen):
     x, W, t, index = _inputs(37, 40, 100, 5, torch.float64, gen)
     if x.is_cuda:
