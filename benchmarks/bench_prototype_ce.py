@@ -1,6 +1,6 @@
 """Prototype cross-entropy, forward + backward: eager PyTorch vs torch.compile vs the fused kernels.
 
-    python benchmarks/bench_prototype_ce.py [--json OUT.json] [--budget-s 55]   # CUDA: a printed table
+    python benchmarks/bench_prototype_ce.py [--json OUT.json] [--budget-s 35]   # CUDA: check, then a table
     python benchmarks/bench_prototype_ce.py --smoke                           # CPU: tiny shapes, interpreter
     pytest benchmarks/bench_prototype_ce.py --benchmark-only -s               # the same cases, pytest-benchmark
 
@@ -17,8 +17,10 @@ prototypes)). TFLOP/s count the useful 3 x 2MKC flops (logits, d_features, d_pro
 fused kernels execute 5 x 2MKC (the backward recomputes the logits once per gradient). The
 matmul rate is a bf16 8192^3 torch.mm measured in the same run (the device's practical
 peak), next to cuBLAS's rate for the [M, K] x [K, C] logits product alone. Peak memory is the
-most allocated during a call above what the inputs hold. The last line printed is a one-line
-headline (`make gpu` shows it).
+most allocated during a call above what the inputs hold. Before timing, the plain mode checks
+the fused op against the float64 formula on the device at M 2048 / 4096, C 16384 / 65536
+(`--no-check` skips it). The last line printed is a one-line headline (`make gpu` shows it),
+also after each case, so a run stopped by `timeout` still ends with one.
 
 Without CUDA the pytest cases skip, unless STELLAR_BENCH_INTERPRET=1 with TRITON_INTERPRET=1
 asks for tiny interpreter-mode shapes (as --smoke does): times then mean nothing.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -58,7 +61,7 @@ IMPLS = ("fused", "eager", "compile")
 if pytest is not None:
     pytestmark = pytest.mark.skipif(
         not (CUDA or TINY),
-        reason="prototype CE benchmarks need CUDA (or STELLAR_BENCH_INTERPRET=1 TRITON_INTERPRET=1 for a tiny CPU check)",
+        reason="prototype CE benchmarks need CUDA (or STELLAR_BENCH_INTERPRET=1 TRITON_INTERPRET=1: tiny CPU check)",
     )
 
 
@@ -179,6 +182,29 @@ def measure(impl, shape, reps=None):
             "useful_tflops": 6 * M * K * C / seconds / 1e12}
 
 
+def check(cases=((2048, None, 16384), (4096, 512, 65536))) -> bool:
+    """The fused op against the float64 formula on this device, at the model's sizes: loss and
+    both gradients, max error relative to the largest reference value under 2e-2 (bf16) and
+    1e-4 (fp32), on the same rounded inputs."""
+    ok = True
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
+        for M, T, C in cases:
+            features, prototypes, targets, index = make_inputs(M, T, C, dtype, seed=M + C)
+            loss = fused_loss(features, prototypes, targets, index)
+            got = (loss, *torch.autograd.grad(loss, (features, prototypes)))
+            x, w = (t.detach().double().requires_grad_() for t in (features, prototypes))
+            t = targets.double() if index is None else targets.double()[index]
+            ref_loss = -(t * F.log_softmax(x @ w.t() / TEMPERATURE, dim=-1)).sum(-1).mean()
+            want = (ref_loss, *torch.autograd.grad(ref_loss, (x, w)))
+            errs = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+            good = max(errs) < tol
+            ok &= good
+            print(f"check {'ok  ' if good else 'FAIL'} {str(dtype):15s} M{M} T{T} C{C}: "
+                  + " ".join(f"{n}={e:.1e}" for n, e in zip(("loss", "d_features", "d_prototypes"), errs)), flush=True)
+            del x, w, t, ref_loss, want
+    return ok
+
+
 # ----------------------------------------------------------------------------- pytest-benchmark
 
 
@@ -213,9 +239,16 @@ def case_order(shapes, impls):
     return first + [(s, i) for i in impls for s in shapes[1:]]
 
 
-def run_all(shapes, impls, budget_s, smoke=False):
+class _Stopped(Exception):
+    """SIGTERM (e.g. `timeout` in make gpu): stop timing and print what was measured."""
+
+
+def run_all(shapes, impls, budget_s, smoke=False, rows=None, skipped=None):
+    """Time the cases in `case_order`, appending to rows / skipped; after each case the headline
+    so far goes to stdout, so a run stopped from outside still ends with one."""
     start = time.perf_counter()
-    rows, skipped = [], []
+    rows = [] if rows is None else rows
+    skipped = [] if skipped is None else skipped
     table = TINY_SHAPES if smoke else SHAPES
     square = square_matmul_rate()
     logits_rate = {}
@@ -235,16 +268,22 @@ def run_all(shapes, impls, budget_s, smoke=False):
         row["matmul_tflops"], row["logits_mm_tflops"] = square, logits_rate[shape]
         rows.append(row)
         print(f"  {shape} {impl}: {row['seconds'] * 1e3:.3f} ms", file=sys.stderr, flush=True)
+        print(headline(_by_case(rows)), flush=True)
     return rows, skipped
+
+
+def _by_case(rows):
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["shape"], {})[r["impl"]] = r
+    return by_case
 
 
 def summarize(rows, skipped) -> list[str]:
     """The table, the same-run matmul rates, what was skipped, and the headline last."""
     lines = [f"{'case':22s} {'impl':8s} {'ms':>9s} {'TFLOP/s':>8s} {'%mm':>5s} {'peak MB':>9s} "
              f"{'vs eager':>8s} {'vs compile':>10s}"]
-    by_case = {}
-    for r in rows:
-        by_case.setdefault(r["shape"], {})[r["impl"]] = r
+    by_case = _by_case(rows)
     for shape, impls in by_case.items():
         for impl, r in impls.items():
             def ratio(other):
@@ -290,6 +329,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", help=f"subset of {list(SHAPES)}")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in Triton's interpreter")
+    parser.add_argument("--no-check", action="store_true", help="skip the float64 check on the device first")
     args = parser.parse_args(argv)
     global CUDA, DEVICE
     if args.smoke:
@@ -302,16 +342,32 @@ def main(argv=None):
         return 0
     else:
         shapes, impls = args.shapes or list(SHAPES), args.impls
+    checked = None
     if CUDA:
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows, skipped = run_all(shapes, impls, args.budget_s, smoke=args.smoke)
+        if not args.no_check:
+            checked = check()
+    rows, skipped = [], []
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        run_all(shapes, impls, args.budget_s, smoke=args.smoke, rows=rows, skipped=skipped)
+    except _Stopped:
+        skipped.append("the rest (stopped by SIGTERM)")
     if args.json:
-        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]  # NaN -> null
+        # NaN (no CUDA: no memory figures) -> null
+        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if CUDA else "cpu (interpreter)",
                        "torch": torch.__version__, "rows": clean, "skipped": skipped}, f, indent=1)
-    print("\n".join(summarize(rows, skipped)))
-    return 0
+    lines = summarize(rows, skipped)
+    if checked is not None:
+        lines[-1] = f"check {'PASS' if checked else 'FAIL'}; " + lines[-1]
+    print("\n".join(lines))
+    return 0 if checked in (None, True) else 1
 
 
 if __name__ == "__main__":

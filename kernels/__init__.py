@@ -7,7 +7,8 @@ each with a plain PyTorch twin).
     prototype_cross_entropy(features[M,K], prototypes[C,K], targets[T,C], temperature=0.12,
                             target_index=None, backend="auto") -> loss (float32 scalar)
 
-`reference.factorize` and `reference.prototype_cross_entropy` are the plain PyTorch twins; `backend_info()` says which path "auto" takes.
+`reference.factorize` and `reference.prototype_cross_entropy` are the plain PyTorch twins;
+`backend_info()` says which path "auto" takes.
 """
 from . import reference
 from .factorization import backend_info, factorize
