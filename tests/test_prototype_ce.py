@@ -369,3 +369,20 @@ def test_triton_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypa
     _close(loss, reference.prototype_cross_entropy(x.double(), W.double(), t.double(), 0.12, index),
            torch.float32, "loss")
     assert pt._CAPS[("fwd", torch.float32, 64)]["BLOCK_C"] == 32
+
+
+def test_readme_example_runs():
+    """The example of the README's prototype cross-entropy section runs as written (reference
+    path on CPU) and gives the formula's value."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n([^`]*?prototype_cross_entropy\(z,[^`]*?)```", text, re.S).group(1)
+    scope: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), scope)
+    z, W, t, index = scope["z"], scope["prototypes"], scope["targets"], scope["index"]
+    assert z.grad is not None and W.grad is not None
+    want = reference.prototype_cross_entropy(z.detach().double(), W.detach().double(), t.double(), 0.12, index)
+    torch.testing.assert_close(scope["loss"].double(), want, rtol=1e-5, atol=0)
