@@ -20,14 +20,18 @@ from pathlib import Path
 # --------------------------------------------------------------------------- commands
 
 def cmd_pretrain(args) -> int:
+    """One process, or every process of a torchrun launch (pretrain starts the process group)."""
+    import os
+
     from stellar.train import load_config, pretrain
-    from stellar.train.config import merge, parse_override, read_yaml
+    from stellar.train.config import merge, parse_override
+    from stellar.train.trainer import saved_config
 
     if bool(args.config) == bool(args.resume):
         raise SystemExit("stellar pretrain: give either --config FILE --out DIR, or --resume DIR")
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        cfg = saved_config(run_dir) if (run_dir / "config.yaml").is_file() else None
         if cfg is not None:
             for text in args.overrides:
                 cfg = merge(cfg, parse_override(text))
@@ -36,6 +40,8 @@ def cmd_pretrain(args) -> int:
         if not args.out:
             raise SystemExit("stellar pretrain: --out DIR is required with --config")
         result = pretrain(load_config(args.config, args.overrides), args.out)
+    if int(os.environ.get("RANK", 0)) != 0:            # under torchrun: rank 0 reports
+        return 0
     print(f"done: {result.step} steps in {result.seconds:.1f} s")
     print(f"  checkpoint: {result.checkpoint}")
     print(f"  metrics:    {result.metrics}")
@@ -254,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from stellar.train.config import ConfigError
+    from stellar.train.distributed import RankLostError
     from stellar.train.trainer import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, RankLostError) as exc:
         print(f"stellar: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:

@@ -1,5 +1,6 @@
 """Checkpoints: round trip, pruning, RNG state, and atomicity when a save dies half-way."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,77 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
+
+
+# --------------------------------------------------------------------------- FSDP2 (sharded) checkpoints
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (FSDP2 and torch.distributed.checkpoint need one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_net(seed):
+    from torch.distributed.fsdp import fully_shard
+
+    model = fresh(seed)
+    fully_shard(model.a)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.a(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("dies", ["in_dcp_save", "before_the_rename"])
+def test_a_crash_while_saving_a_sharded_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch, one_rank_group, dies):
+    import torch.distributed.checkpoint as dcp
+
+    good, good_opt = sharded_net(1)
+    path = ckpt.save_sharded_checkpoint(tmp_path, 10, good, good_opt, {"tag": "good"}, config={"seed": 1})
+    assert ckpt.is_sharded(path) and not (path / "model.safetensors").exists()
+    expected = {k: v.full_tensor().clone() for k, v in good.state_dict().items() if hasattr(v, "full_tensor")}
+
+    real_save = dcp.save
+
+    def dcp_dies(state, checkpoint_id):
+        Path(checkpoint_id).mkdir(parents=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\x00" * 9)      # a half-written shard
+        raise RuntimeError("killed while saving")
+
+    def finish_dies(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    if dies == "in_dcp_save":
+        monkeypatch.setattr(dcp, "save", dcp_dies)
+    else:                                     # every shard written, killed before the rename
+        monkeypatch.setattr(ckpt, "_write_state", finish_dies)
+    newer, newer_opt = sharded_net(2)
+    with pytest.raises(RuntimeError, match="killed"):
+        ckpt.save_sharded_checkpoint(tmp_path, 20, newer, newer_opt, {"tag": "new"})
+    monkeypatch.undo()
+    assert dcp.save is real_save
+
+    assert latest_checkpoint(tmp_path) == path and [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010"]
+    assert load_state(path)["tag"] == "good"
+    plain = fresh(3)                         # the shards read whole into a plain module
+    load_weights(path, plain)
+    for name, value in expected.items():
+        assert torch.equal(plain.state_dict()[name], value), name
+    ckpt.save_sharded_checkpoint(tmp_path, 30, newer, newer_opt, {"tag": "later"})
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    assert latest_checkpoint(tmp_path).name == "step_00000030"
+
+
+def test_rank_state_for_more_or_fewer_ranks_and_old_checkpoints():
+    two = {"ranks": [{"rng": "r0", "loader": {"batch": 3}}, {"rng": "r1", "loader": {"batch": 3}}]}
+    assert ckpt.rank_state(two, 1) == {"rng": "r1", "loader": {"batch": 3}}
+    assert ckpt.rank_state(two, 2) is None                                  # a rank the run did not have
+    old = {"rng": "r0", "loader": {"batch": 5}, "optimizer": {}}            # rank 0's, at the top level
+    assert ckpt.rank_state(old, 0) == {"rng": "r0", "loader": {"batch": 5}}

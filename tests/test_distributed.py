@@ -109,12 +109,25 @@ def assert_same_losses(got, want, rtol=2e-5, atol=1e-6):
             assert g[key] == pytest.approx(w[key], rel=rtol, abs=atol), (g["step"], key, g[key], w[key])
 
 
-def assert_same_weights(checkpoint_a, checkpoint_b, atol=2e-5):
-    a = load_pretrained(checkpoint_a)[0].state_dict()
-    b = load_pretrained(checkpoint_b)[0].state_dict()
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, worst
+def assert_same_weights(checkpoint_a, checkpoint_b, rtol=1e-3):
+    """The two runs moved the weights the same way: |w_a - w_b| <= rtol |w_b - w_0| over all weights.
+
+    Not element by element: AdamW's first steps are about lr * sign(gradient), so a parameter
+    whose gradient is a near-cancelling sum can move by +-lr in one run and -+lr in the other
+    from float32 rounding alone; those few elements weigh little in the norm.
+    """
+    from stellar.model import build_model
+    from stellar.train.checkpoint import load_config_of
+    from stellar.train.trainer import seed_everything
+
+    (model_a, cfg, _), (model_b, _, _) = load_pretrained(checkpoint_a), load_pretrained(checkpoint_b)
+    seed_everything(int(cfg["seed"]))                     # the initial weights, as pretrain builds them
+    initial = build_model(load_config_of(checkpoint_a)["model"]).state_dict()
+    a, b = model_a.state_dict(), model_b.state_dict()
+    assert a.keys() == b.keys() == initial.keys()
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a]).norm().item()
+    moved = torch.cat([(b[k].float() - initial[k].float()).flatten() for k in a]).norm().item()
+    assert moved > 0 and diff <= rtol * moved, (diff, moved)
 
 
 def free_port():
@@ -205,7 +218,7 @@ def test_two_nodes_through_the_cli_then_resume_on_one_process(tmp_path):
     out = tmp_path / "run"
     port = free_port()
     overrides = [*TINY, f"data.root={root}", "data.backend=reference", "train.batch_size=2",
-                 "train.checkpoint_every=2"]
+                 "train.checkpoint_every=2", "train.warmup=0.0", "train.min_lr=1e-3"]   # lr constant: 2+1 steps == 3
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
               "-m", "stellar", "pretrain", "--config", "tiny", "--out", str(out), *overrides, "train.steps=2"]
@@ -214,18 +227,22 @@ def test_two_nodes_through_the_cli_then_resume_on_one_process(tmp_path):
     outputs = [node.communicate(timeout=120) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    assert sum("done: 2 steps" in stdout for stdout, _ in outputs) == 2       # every rank finished
+    assert sum("done: 2 steps" in stdout for stdout, _ in outputs) == 1       # rank 0 reports
     assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2]    # one writer
     state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
 
-    # ... resumed by one process: the same global batch (4), from global batch 2 of epoch 0.
+    # ... resumed by one process with the same global batch (4): the run one process makes alone,
+    # through the real loader (its global sample order and per-sample draws, kept patches included).
     with pytest.warns(RuntimeWarning, match="written by 2 processes"):
         assert cli.main(["pretrain", "--resume", str(out), "train.steps=3", "train.batch_size=4"]) == 0
-    assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
     state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
-    assert state["step"] == 3 and state["world_size"] == 1
-    assert state["ranks"][0]["loader"]["batch"] == state["ranks"][0]["loader"]["batch"]  # restored, then advanced
+    assert state["step"] == 3 and state["world_size"] == 1 and state["global_batch"] == 4
+    alone = tmp_path / "alone"
+    assert cli.main(["pretrain", "--config", "tiny", "--out", str(alone), *overrides, "train.batch_size=4",
+                     "train.steps=3"]) == 0
+    assert_same_losses(losses(out), losses(alone))
+    assert_same_weights(latest_checkpoint(out), latest_checkpoint(alone))
 
 
 # --------------------------------------------------------------------------- failures

@@ -521,9 +521,10 @@ def restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     """Every rank: load a checkpoint for ``--resume``; returns its step.
 
     Rank r takes its own RNG state and loader position. Saved by N processes and resumed by M:
-    ranks >= N start fresh RNG streams and take rank 0's loader position. The position is the
-    index of the next global batch in its epoch, the same for every rank: with the same global
-    batch (``world_size x train.batch_size``) it is the same images whatever M is.
+    ranks >= N start fresh RNG streams and take rank 0's loader position. With the loaders'
+    global sample order the position (the samples of the epoch handed out by all ranks together)
+    is the same on every rank: with the same global batch (``world_size x train.batch_size``)
+    the resumed run reads the same images in the same batches whatever M is.
     """
     state = load_training_state(checkpoint, model, optimizer)
     rank = distributed.rank()
@@ -536,9 +537,9 @@ def restore(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     saved_world, saved_batch = state.get("world_size", 1), state.get("global_batch", images_per_step)
     if distributed.is_main() and (saved_world != distributed.world_size() or saved_batch != images_per_step):
         warnings.warn(f"resuming {checkpoint} (written by {saved_world} processes, global batch {saved_batch}) on "
-                      f"{distributed.world_size()} processes with global batch {images_per_step}: the data "
-                      f"position is the global batch index, "
+                      f"{distributed.world_size()} processes with global batch {images_per_step}: the loader "
+                      f"continues from the saved position in the epoch's sample order, "
                       + ("the same images as before." if saved_batch == images_per_step else
-                         "which now counts batches of another size: not the images an uninterrupted run "
-                         "would see."), RuntimeWarning, stacklevel=2)
+                         "grouped into batches of another size: not what an uninterrupted run would see."),
+                      RuntimeWarning, stacklevel=2)
     return int(state["step"])
