@@ -54,8 +54,9 @@ def prototype_cross_entropy(
         loss   = mean_m  -sum_c targets[idx(m), c] * log_softmax(logits[m])_c
 
     Builds the [M, C] logits, their log-softmax and the gathered targets in memory: this is the
-    formula, not a fast path. 16-bit inputs are computed in float32 (as the kernels accumulate);
-    float32 and float64 stay as they are, so the float64 reference keeps float64 precision.
+    formula, not a fast path. 16-bit inputs are computed in float32 (as the kernels accumulate),
+    with autocast off; float32 and float64 stay as they are, so the float64 reference keeps
+    float64 precision.
 
     Args:
         features: Tensor[M, K] (already normalised; not normalised here).
@@ -69,8 +70,9 @@ def prototype_cross_entropy(
         The loss, a float32 scalar (float64 for float64 features).
     """
     acc = torch.promote_types(features.dtype, torch.float32)
-    logits = torch.matmul(features.to(acc), prototypes.to(acc).t()) / temperature
-    t = targets.detach().to(acc)
-    if target_index is not None:
-        t = t[target_index]
-    return -(t * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    with torch.autocast(features.device.type, enabled=False):  # products of the given values, in acc
+        logits = torch.matmul(features.to(acc), prototypes.to(acc).t()) / temperature
+        t = targets.detach().to(acc)
+        if target_index is not None:
+            t = t[target_index]
+        return -(t * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()

@@ -176,6 +176,10 @@ def test_triton_autocast_computes_in_the_autocast_dtype(gen):
     full = prototype_cross_entropy(x, W, t, 0.12, index, backend="triton")
     assert under.item() == explicit.item()
     assert under.item() != full.item()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the reference path follows the same rule
+        under_ref = prototype_cross_entropy(x, W, t, 0.12, index, backend="torch")
+    want = reference.prototype_cross_entropy(x.bfloat16().double(), W.bfloat16().double(), t.double(), 0.12, index)
+    torch.testing.assert_close(under_ref.double(), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
