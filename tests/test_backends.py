@@ -184,3 +184,48 @@ def test_views_dtype_bfloat16(folder):
     _, b16 = _epoch(root, "reference", batch_size=4, dtype="bfloat16")
     assert b16[0]["image"].dtype == torch.bfloat16
     torch.testing.assert_close(b16[0]["global_views"].float(), f32[0]["global_views"], atol=4e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# on a GPU (`make gpu` runs these): nvJPEG and DALI "mixed" on the loader's own device
+# ---------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_cuda
+@needs_op
+@pytest.mark.parametrize("backend", FAST)
+def test_gpu_backends_yield_the_reference_batches(folder, reference, backend):
+    root, _, bad = folder
+    _, ref = reference
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # not device 0 where there are several
+    loader, got = _epoch(root, backend, device=device)
+    assert loader.device == device and len(got) == len(ref)
+    levels = {}
+    for a, b in zip(ref, got):
+        for key in ("index", "label", "crops", "keep"):
+            assert b[key].device.type == "cpu" and torch.equal(a[key], b[key]), key
+        for i, f in enumerate(b["index"].tolist()):
+            if f not in levels:
+                ours, theirs = _decoded(loader, f), decode.decode_file(loader.files[f])
+                assert ours.shape == theirs.shape, loader.files[f]
+                levels[f] = (ours.int() - theirs.int()).abs().max().item()
+            for key in ("image", "global_views", "local_views"):
+                assert b[key].device == device
+                diff = (a[key][i] - b[key][i].cpu()).abs().max().item()
+                assert diff <= 1e-5 + 4 * levels[f] / 255, (backend, key, loader.files[f], diff, levels[f])
+    assert loader.bad_files.keys() == set(bad)
+    print(f"{backend} on {device}: max decoded difference per file (levels):",
+          {Path(loader.files[f]).name: lv for f, lv in levels.items() if lv})
+
+
+@needs_cuda
+def test_gpu_loader_takes_local_rank_device(folder, monkeypatch):
+    root, _, _ = folder
+    last = torch.cuda.device_count() - 1
+    monkeypatch.setenv("LOCAL_RANK", str(last))
+    # a bare "cuda" is this process's device (LOCAL_RANK under torchrun), never device 0 by default
+    loader = build_loader(root, backend="reference", device="cuda", batch_size=4, **SPEC)
+    assert loader.device == torch.device("cuda", last) and loader.pin_memory
+    batch = next(iter(loader))
+    assert batch["image"].device == loader.device and batch["keep"].is_pinned()

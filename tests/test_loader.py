@@ -260,3 +260,15 @@ def test_auto_backend_reports_a_broken_dali(monkeypatch):
     monkeypatch.setattr(dali, "dali_status", lambda: (False, "ModuleNotFoundError: No module named 'nvidia'"))
     assert pick_backend(torch.device("cuda", 0)) == ("torchvision", "DALI is not installed (ModuleNotFoundError: "
                                                      "No module named 'nvidia')")
+
+
+def test_a_cpu_only_extension_is_refused_for_gpu_views(monkeypatch):
+    from stellar.data import multicrop
+
+    monkeypatch.setattr(_ext, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "extension_info", lambda: {"built": True, "cuda": False, "error": None})
+    with pytest.raises(RuntimeError, match="built without CUDA.*STELLAR_FORCE_CUDA"):
+        multicrop.resolve_views("op", "cuda:0")
+    with pytest.warns(RuntimeWarning, match="built without CUDA"):
+        assert multicrop.resolve_views("auto", "cuda:0") == "torch"
+    assert multicrop.resolve_views("op", "cpu") == "op"

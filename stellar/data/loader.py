@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from stellar.data import check as _check
 from stellar.data import dali as _dali
 from stellar.data import decode as _decode
-from stellar.data.draws import draw_samples
+from stellar.data.draws import SampleDraws, draw_samples
 from stellar.data.folder import IMAGE_EXTS, list_images
 from stellar.data.multicrop import make_batch, resolve_views
 from stellar.data.order import SampleOrder, Slice, resolve_shard, stream_seed
@@ -160,9 +160,10 @@ def _pass_dali_formats_on(data: bytes, name: str):
 
 
 class _Reader(Dataset):
-    """Slice -> {"indices": files used, "pixels": per sample uint8 Tensor[3, H, W] or {"encoded",
-    "orientation"} for the device decoder, "bad": {path: reason} met}; with `views` (the reference)
-    also the finished batch under "batch". Runs in DataLoader workers."""
+    """Slice -> {"indices": files used, "bad": {path: reason} met, and either "pixels" (per sample
+    uint8 Tensor[3, H, W], or {"encoded", "orientation"} for the device decoder) with the samples'
+    draws ("uniforms", "keep"), or with `views` (the reference) the finished batch under "batch"}.
+    Runs in DataLoader workers."""
 
     def __init__(self, files, listed_bad, worker_decode, spec=None, seed=0, views=None):
         self.files, self.listed_bad = files, listed_bad
@@ -190,12 +191,13 @@ class _Reader(Dataset):
     def __getitem__(self, sl: Slice) -> dict:
         bad: dict = {}
         used, pixels = zip(*(self.load(i, bad) for i in sl.indices))
-        out = {"indices": list(used), "pixels": list(pixels), "bad": bad}
+        # the draws are made here too: they need only (seed, epoch, position), and the workers run in parallel
+        draws = draw_samples(self.spec, self.seed, sl.epoch, sl.positions)
+        out = {"indices": list(used), "bad": bad}
         if self.views is not None:  # the pixels are here (CPU): make the views here too
-            hwc = [im.permute(1, 2, 0) for im in pixels]
-            out["batch"] = make_batch(hwc, draw_samples(self.spec, self.seed, sl.epoch, sl.positions), self.spec,
-                                      self.views)
-            del out["pixels"]
+            out["batch"] = make_batch([im.permute(1, 2, 0) for im in pixels], draws, self.spec, self.views)
+        else:
+            out.update(pixels=list(pixels), uniforms=draws.uniforms, keep=draws.keep)
         return out
 
 
@@ -351,8 +353,7 @@ class Loader:
         bad: dict = {}
         images, indices = self._pixels(out, bad)
         self._note_bad(bad)
-        return make_batch(images, draw_samples(self.spec, self.seed, sl.epoch, sl.positions), self.spec,
-                          self.views), indices
+        return make_batch(images, SampleDraws(out["uniforms"], out["keep"]), self.spec, self.views), indices
 
     def _fallback(self, index: int, encoded: dict, bad: dict, reason: str):
         """(file index, CPU pixels) when a device decoder failed on file `index`: the reference
