@@ -285,6 +285,32 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tmp_path, reference):
     assert_same_weights(latest_checkpoint(out), reference_checkpoint(reference, 4))
 
 
+def test_a_frozen_rank_is_named_by_the_heartbeat(tmp_path):
+    """A rank that stops (SIGSTOP: alive, silent) leaves rank 0 waiting in a collective, as NCCL
+    would for a dead peer; rank 0's heartbeat watcher names it after half of dist_timeout_s."""
+    out = tmp_path / "run"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *worker_args(out, f"train.batch_size={GLOBAL_BATCH // 2}",
+                                                            "train.dist_timeout_s=6")],
+                              env=env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, STELLAR_TEST_STALL="1:1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").is_file() or not read_metrics(out / "metrics.csv"):
+            assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].communicate()
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)              # stalled before global batch 1 (step 2)
+        _, stderr = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 1
+    assert "lost rank 1 (pid" in stderr and "no heartbeat" in stderr, stderr[-3000:]
+
+
 def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, reference):
     out = tmp_path / "run"
     proc = ok(torchrun("--nproc-per-node", "2", "--max-restarts", "1",
@@ -334,6 +360,14 @@ def test_a_lock_of_an_earlier_torchrun_attempt_is_taken_over(tmp_path, monkeypat
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with pytest.warns(RuntimeWarning, match="stale"):
         RunLock(tmp_path).acquire().release()
+
+
+@pytest.mark.parametrize("bad", ["train.parallel=zero3", "train.dist_timeout_s=0", "train.dist_timeout_s=soon"])
+def test_bad_distributed_settings_are_named(tmp_path, bad):
+    from stellar.train import ConfigError
+
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        pretrain(config(bad), tmp_path / "run", loader_fn=GlobalBatchLoader)
 
 
 # --------------------------------------------------------------------------- the worker

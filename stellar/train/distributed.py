@@ -11,9 +11,9 @@ and every collective below is a no-op.
 The heartbeat: every rank bumps a counter of its own in the rendezvous store once a second
 (a daemon thread). When a collective fails (gloo reports a dead peer at once), ``lost_ranks``
 reads the counters twice and names the ranks whose counter stopped. A collective that hangs
-instead (NCCL waits for a dead peer until its timeout) is caught by the same thread: each rank
-watches the next one, and when that rank's counter has not moved for ``train.dist_timeout_s``
-the watcher prints which rank was lost and ends its process.
+instead (NCCL waits for a dead peer until its timeout; a frozen peer) is caught by the same
+thread: each rank watches the next one, and when that rank's counter has not moved for half of
+``train.dist_timeout_s`` the watcher prints which rank was lost and ends its process.
 """
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def start(device: torch.device, timeout_s: float) -> None:
                                 device_id=device)
     else:
         dist.init_process_group("gloo", store=store, rank=rank_, world_size=world, timeout=timeout)
+    # Half the collective timeout: a frozen rank is named before NCCL's watchdog aborts without a name.
     _HEARTBEAT = Heartbeat(dist.PrefixStore("stellar/heartbeat/", store), rank_, world,
-                           lost_after_s=float(timeout_s))
+                           lost_after_s=float(timeout_s) / 2)
     _HEARTBEAT.start()
     barrier()                       # every rank's heartbeat exists before anyone looks at it
 
@@ -304,7 +305,7 @@ class Heartbeat:
                 last, since = value, now
             elif now - since > self.lost_after_s and not self._stop.is_set():
                 print(f"stellar: rank {self.rank}: lost rank {watched} ({self.who(watched)}): no heartbeat for "
-                      f"{now - since:.0f} s (train.dist_timeout_s={self.lost_after_s:g}); stopping this process. "
+                      f"{now - since:.0f} s (half of train.dist_timeout_s); stopping this process. "
                       f"Continue from the last checkpoint with --resume.", file=sys.stderr, flush=True)
                 os._exit(1)
 
