@@ -64,8 +64,8 @@ EAGER = {
                   {"sync_free": False, "fused_adamw": False, "compile": False}, False),
     "+sync-free": ({"pack_views": False, "clustering": {"fused": False}}, {"sync_free": True}, False),
     "+packed": ({"pack_views": True, "clustering": {"fused": False}}, {"sync_free": True}, False),
-    "+fused-ce": ({"pack_views": True, "clustering": {"fused": "auto"}}, {"sync_free": True}, False),
-    "+bf16-views": ({"pack_views": True, "clustering": {"fused": "auto"}}, {"sync_free": True}, True),
+    "+fused-ce": ({"pack_views": True, "clustering": {"fused": True}}, {"sync_free": True}, False),
+    "+bf16-views": ({"pack_views": True, "clustering": {"fused": True}}, {"sync_free": True}, True),
 }
 FAST_MODEL, FAST_TRAIN = EAGER["+bf16-views"][0], {"sync_free": True, "compile": True}
 VARIANTS = {

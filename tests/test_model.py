@@ -434,7 +434,7 @@ def test_fast_path_equals_reference_float64(gen, variant, ema):
     model.eval()                                              # no EMA update: both passes see the same teacher
     ref, ref_grads = _losses_and_grads(model, batch)
     packed, ce = variant.split("+")
-    fused = {"op": "auto", "indexed": "auto", "reference-ce": False}[ce]
+    fused = {"op": True, "indexed": True, "reference-ce": False}[ce]
     _set_variant(model, pack_views=packed == "packed", fused=fused,
                  fn=indexed_prototype_cross_entropy if ce == "indexed" else None)
     fast, fast_grads = _losses_and_grads(model, batch)
@@ -450,7 +450,7 @@ def test_fast_path_equals_reference_float64(gen, variant, ema):
 def test_fast_path_equals_reference_float32(gen):
     model, batch = _awkward(gen, torch.float32, **REFERENCE)
     ref, ref_grads = _losses_and_grads(model, batch)
-    _set_variant(model, pack_views=True, fused="auto")
+    _set_variant(model, pack_views=True, fused=True)
     fast, fast_grads = _losses_and_grads(model, batch)
     for name in LOSS_NAMES:
         torch.testing.assert_close(fast["losses"][name], ref["losses"][name], rtol=2e-5, atol=1e-6, msg=name)
@@ -557,3 +557,23 @@ def test_residual_bf16_keeps_the_stream_16_bit_under_autocast(gen):
     for name in LOSS_NAMES:
         torch.testing.assert_close(low["losses"][name], full["losses"][name], rtol=5e-2, atol=5e-2, msg=name)
         torch.testing.assert_close(mixed["losses"][name], full["losses"][name], rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_fused_auto_uses_the_op_on_cuda_only(gen):
+    """clustering.fused: auto goes through the op for CUDA tensors, keeps the public structure on
+    the CPU; true takes the op everywhere; false never."""
+    calls = []
+    model = _model(gen)
+    op = model._prototype_ce
+    model._prototype_ce = lambda *a, **k: calls.append(1) or op(*a, **k)
+    b = _batch(gen, G=1, Lc=1)
+    model(b)
+    assert calls == []                                           # auto, CPU: public structure
+    model.cfg["clustering"]["fused"] = True
+    model(b)
+    assert len(calls) == 5               # clustering, cls_clustering, mask_loss, cls_loss (masked), cls_loss (local)
+    from types import SimpleNamespace
+    model.cfg["clustering"]["fused"] = "auto"
+    assert model._fused_ce(SimpleNamespace(is_cuda=True)) and not model._fused_ce(torch.zeros(1))
+    model._prototype_ce = None                                   # fused: false
+    assert not model._fused_ce(SimpleNamespace(is_cuda=True))

@@ -167,7 +167,7 @@ def test_loss_tracker_keeps_order_and_finds_the_first_non_finite_step():
     assert tracker.last_norms == [1.5, 1.5, 1.5] and len(tracker) == 0
     assert first_non_finite(rows) == 2                               # the total decides ...
     assert first_non_finite(rows, [1.0, float("nan"), 1.0]) == 1     # ... or the gradient norm
-    msg = non_finite_message(9, rows[2][1], None, stopped_at=10)
+    msg = non_finite_message(9, rows[2][1], None, stopped_at=10, skipped=True)
     assert "step 9" in msg and "loss=nan" in msg and "skipped" in msg and "step 10" in msg
     with pytest.raises(RuntimeError, match="read"):
         for _ in range(5):

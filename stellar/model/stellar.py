@@ -30,6 +30,8 @@ The clustering losses go through ``stellar.kernels.prototype_cross_entropy`` (``
 the [M, C] logits are never held; a view's rows index the full image's targets instead of a
 repeated, gathered copy); ``fused: false`` keeps the public code's structure (head logits in
 float32, ``repeat_interleave`` + gather of the targets, soft cross-entropy): the reference.
+``fused: auto`` is the op on CUDA tensors and the public structure on the CPU (where the op
+would run its own [M, C] reference anyway); ``true`` forces the op everywhere.
 """
 from __future__ import annotations
 
@@ -290,7 +292,7 @@ class Stellar(nn.Module):
         B, r = sparse.shape[:2]
         head, cls_head = self.clustering_head, self.cls_head
         koleo = koleo_loss(sparse)
-        if self._prototype_ce is None:                       # the public structure: [M, C] logits
+        if not self._fused_ce(sparse):                       # the public structure: [M, C] logits
             logits = head(sparse)                                                      # B x r x C
             cls_logits = cls_head(cls[:, 0])                                           # B x C
             C = logits.shape[-1]
@@ -335,7 +337,7 @@ class Stellar(nn.Module):
         koleo = koleo_loss(sparse_m)
         tgt = sparse_tgt.repeat_interleave(G, dim=0)                                   # B*G x r x D
         match = match_tokens(sparse_m, tgt, lcfg["ot_epsilon"], lcfg["ot_iterations"])  # B*G x r
-        if self._prototype_ce is None:                       # the public structure
+        if not self._fused_ce(sparse_m):                     # the public structure
             view_targets = _gather_rows(targets.repeat_interleave(G, dim=0), match)    # B*G x r x C
             mask_loss = soft_cross_entropy(self.clustering_head(sparse_m), view_targets, ce_t)
             cls_loss = soft_cross_entropy(self.cls_head(cls_m[:, 0]), cls_targets.repeat_interleave(G, 0), ce_t)
@@ -353,10 +355,18 @@ class Stellar(nn.Module):
         ce_t = self.cfg["clustering"]["ce_temperature"]
         B = cls_targets.shape[0]
         Lc = cls_l.shape[0] // B
-        if self._prototype_ce is None:
+        if not self._fused_ce(cls_l):
             return soft_cross_entropy(self.cls_head(cls_l[:, 0]), cls_targets.repeat_interleave(Lc, 0), ce_t)
         return self._clustering_ce(self.cls_head, self.cls_head.features(cls_l[:, 0]), cls_targets,
                                    _rows(B, Lc, cls_l.device))
+
+    def _fused_ce(self, x: Tensor) -> bool:
+        """Whether the clustering losses go through the prototype CE op: ``clustering.fused`` true,
+        or auto on CUDA (where its Triton kernels run; on the CPU the op would only be its [M, C]
+        reference, so auto keeps the public structure there)."""
+        if self._prototype_ce is None:
+            return False
+        return self.cfg["clustering"]["fused"] is True or x.is_cuda
 
     def _clustering_ce(self, head: ClusteringHead, z: Tensor, targets: Tensor, index: Tensor | None) -> Tensor:
         """Soft CE of head.logits(z) [M, C] against targets[index] ([T, C]), without the logits in memory."""

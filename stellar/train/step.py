@@ -157,11 +157,9 @@ def convert_fp8(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_optimizer(model: torch.nn.Module, train: Mapping, opts: StepOptions) -> torch.optim.Optimizer:
     """AdamW over the decay / no-decay groups of trainer.parameter_groups; fused where opts says."""
-    from .trainer import parameter_groups
+    from .trainer import build_optimizer as adamw
 
-    groups = parameter_groups(model, train["weight_decay"])
-    kwargs = {"fused": True} if opts.fused_adamw else {}
-    return torch.optim.AdamW(groups, lr=train["lr"], betas=tuple(train["betas"]), **kwargs)
+    return adamw(model, train, fused=opts.fused_adamw)
 
 
 # --------------------------------------------------------------------------- the step
@@ -196,13 +194,17 @@ def update_without_sync(loss: Tensor, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = _params_with_grad(optimizer)
-    grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=loss.device)
+    if not params:
+        norm = torch.zeros((), device=loss.device)
+    elif grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)      # foreach: no host read
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if hasattr(norm, "full_tensor"):                                 # FSDP2: a DTensor
+        norm = norm.full_tensor()
     found_inf = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-    if grad_clip and grads:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)             # asynchronous: every rank skips together
     optimizer.found_inf = found_inf
     try:
         optimizer.step()
@@ -216,21 +218,29 @@ def update_without_sync(loss: Tensor, optimizer: torch.optim.Optimizer,
 class LossTracker:
     """Per-step losses kept on the device, read to the host ``capacity`` steps at a time.
 
+    names: the loss names (out["losses"] keys) or None to take them from the first step.
+
     add(step, out, norm) copies the step's total, named losses and gradient norm into a
     preallocated device buffer (no host read); read() moves the buffer to the host in one copy
     (the step's one synchronisation, every log.every steps), averaged over ranks, and returns
     [(step, {"loss": ..., name: ..., }), ...] in order with the norms in ``last_norms``.
     """
 
-    def __init__(self, names: Sequence[str], capacity: int, device: torch.device) -> None:
+    def __init__(self, names: Sequence[str] | None, capacity: int, device: torch.device) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.names = ["loss", *names]
-        self.capacity = capacity
-        self.values = torch.zeros(capacity, len(self.names), device=device)
-        self.norms = torch.zeros(capacity, device=device)
+        self.capacity, self.device = capacity, device
+        self.names: list[str] = []
+        self.values = self.norms = None
+        if names is not None:
+            self._allocate(names)
         self.steps: list[int] = []
         self.last_norms: list[float] = []
+
+    def _allocate(self, names: Sequence[str]) -> None:
+        self.names = ["loss", *names]
+        self.values = torch.zeros(self.capacity, len(self.names), device=self.device)
+        self.norms = torch.zeros(self.capacity, device=self.device)
 
     @property
     def full(self) -> bool:
@@ -244,6 +254,8 @@ class LossTracker:
             raise RuntimeError(f"LossTracker holds {self.capacity} steps already: read() it first")
         i = len(self.steps)
         losses = out["losses"]
+        if self.values is None:                                      # names from the first step's output
+            self._allocate(list(losses))
         row = torch.stack([out["loss"].detach().float().reshape(())] +
                           [losses[n].detach().float().reshape(()) for n in self.names[1:]])
         self.values[i].copy_(row)
@@ -276,18 +288,19 @@ def first_non_finite(rows: Sequence[tuple[int, Mapping[str, float]]],
 
 
 def non_finite_message(step: int, values: Mapping[str, float], last_checkpoint, *, norm: float | None = None,
-                       stopped_at: int | None = None) -> str:
+                       stopped_at: int | None = None, skipped: bool = False) -> str:
     """The NonFiniteLossError text: the step, every loss, what happened to the weights, where to resume."""
     parts = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
     if norm is not None and not math.isfinite(norm):
         parts += f", grad_norm={norm:.6g}"
     where = (f"the last good checkpoint is {last_checkpoint} (resume with: stellar pretrain --resume "
              f"{last_checkpoint.parent.parent})" if last_checkpoint else "no checkpoint was written before it")
-    if stopped_at is None or stopped_at == step:
+    if not skipped:
         happened = "Stopped before updating the weights"
     else:
-        happened = (f"That step's update was skipped on the device; the run stopped at step {stopped_at}, "
-                    f"when the losses were next read, and wrote no checkpoint after step {step - 1}")
+        happened = (f"That step's update was skipped on the device (the weights never saw it); the run stopped "
+                    f"at step {stopped_at if stopped_at is not None else step}, when the losses were read, "
+                    f"before writing any checkpoint past step {step - 1}")
     return f"non-finite loss at step {step}: {parts}. {happened}; {where}."
 
 

@@ -26,7 +26,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -39,6 +39,8 @@ from .checkpoint import (capture_rng, checkpoint_name, latest_checkpoint, load_t
 from .config import DEFAULTS_PATH, ConfigError, merge, read_yaml, save_config
 from .lock import RunLock
 from .schedule import CosineSchedule
+from .step import (LossTracker, Prefetcher, StepOptions, convert_fp8, first_non_finite, non_finite_message,
+                   prepare_model, update_without_sync)
 
 METRICS = "metrics.csv"
 CONFIG = "config.yaml"
@@ -122,9 +124,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: Mapping) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train_cfg: Mapping, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over parameter_groups; ``fused``: one fused kernel per step (train.fused_adamw)."""
     groups = parameter_groups(model, train_cfg["weight_decay"])
-    return torch.optim.AdamW(groups, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]))
+    return torch.optim.AdamW(groups, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
+                             **({"fused": True} if fused else {}))
 
 
 def build_schedule(train_cfg: Mapping) -> CosineSchedule:
@@ -418,9 +422,13 @@ def run_training(cfg: dict, out_dir: Path, device: torch.device, resume: bool, s
     model = model_fn(cfg["model"]).to(device)
     if rank:
         seed_everything(seed + rank)       # rank 0 goes on with a one-process run's stream
+    opts = StepOptions.from_config(train, device, log_every=int(cfg["log"].get("every", 10)))
+    if opts.fp8:
+        convert_fp8(model)                 # before DDP/FSDP see the modules
     model = distributed.wrap_model(model, device, train["parallel"],
                                    param_dtype=amp_dtype if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, train)
+    prepare_model(getattr(model, "module", model), replace(opts, fp8=False))   # torch.compile of the pieces
+    optimizer = build_optimizer(model, train, fused=opts.fused_adamw)
     schedule = build_schedule(train)
     loader = loader_fn(cfg, rank, world)
     images_per_step = int(train["batch_size"]) * world
@@ -446,25 +454,51 @@ def run_training(cfg: dict, out_dir: Path, device: torch.device, resume: bool, s
     def save(step: int) -> Path:
         shared = {"schedule": schedule.state_dict(), "world_size": world, "global_batch": images_per_step,
                   "parallel": train["parallel"] if distributed.initialized() else None}
-        return save_run_checkpoint(out_dir, step, model, optimizer, loader, shared, cfg,
+        return save_run_checkpoint(out_dir, step, model, optimizer, position, shared, cfg,
                                    keep=int(train["keep_checkpoints"]))
 
     batches = endless(loader)
+    feed = Prefetcher(lambda: next_batch(batches), device, enabled=opts.prefetch,
+                      state=loader.state_dict if hasattr(loader, "state_dict") else None)
+    position = _Position(feed) if opts.prefetch and hasattr(loader, "state_dict") else loader
+    tracker = LossTracker(None, opts.log_every, device) if opts.sync_free else None
+    lrs: dict[int, float] = {}
+    t_read = time.perf_counter()
     step = start
     try:
         while step < end:
             t0 = time.perf_counter()
             lr = schedule(step)
             set_lr(optimizer, lr)
-            batch = to_device(next_batch(batches), device)
-            values = train_step(model, optimizer, batch, amp_dtype, train["grad_clip"], step + 1, checkpoint)
+            batch = feed.next()
+            if opts.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            if tracker is None:
+                values = train_step(model, optimizer, batch, amp_dtype, train["grad_clip"], step + 1, checkpoint)
+            else:                          # no host read: the losses stay on the device until read_losses
+                out = forward_losses(model, batch, amp_dtype)
+                norm, _ = update_without_sync(out["loss"], optimizer, train["grad_clip"])
+                tracker.add(step + 1, out, norm)
+                lrs[step + 1] = lr
+                del out
             step += 1
-            if main:
-                img_per_s = images_per_step / max(time.perf_counter() - t0, 1e-9)
-                log_step(metrics, tb, bar, step, values, lr, img_per_s)
-            if step % every == 0 or step == end:
+            save_now = step % every == 0 or step == end
+            if tracker is None:
+                if main:
+                    img_per_s = images_per_step / max(time.perf_counter() - t0, 1e-9)
+                    log_step(metrics, tb, bar, step, values, lr, img_per_s)
+            elif tracker.full or save_now:
+                # The loop's one synchronisation, every log.every steps and before every checkpoint:
+                # a non-finite step stops the run here, before anything after it is saved.
+                values = read_losses(tracker, lrs, metrics, tb, bar, images_per_step, t_read, checkpoint, step)
+                t_read = time.perf_counter()
+            if save_now:
                 checkpoint = save(step)
     finally:
+        if tracker is not None and len(tracker) and not distributed.initialized():
+            # Interrupted between reads: log the steps that completed (one process: no collective to hang on).
+            with contextlib.suppress(NonFiniteLossError):
+                read_losses(tracker, lrs, metrics, tb, bar, images_per_step, t_read, checkpoint, step)
         bar.close()
         if metrics is not None:
             metrics.close()
@@ -483,6 +517,36 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     check_finite(step, values, last_checkpoint)
     backward_and_update(out["loss"], model, optimizer, grad_clip)
     return values
+
+
+def read_losses(tracker: LossTracker, lrs: dict, metrics, tb, bar, images_per_step: int, t_read: float,
+                last_checkpoint: Path | None, step: int) -> dict[str, float]:
+    """train.sync_free: read the tracked steps' losses (one host copy, averaged over ranks), log
+    each step, and raise ``NonFiniteLossError`` at the first step whose loss or gradient norm is
+    not finite (its update was skipped on the device), after logging the steps before it."""
+    rows = tracker.read()
+    bad = first_non_finite(rows, tracker.last_norms)
+    good = rows if bad is None else rows[:bad]
+    img_per_s = images_per_step * len(rows) / max(time.perf_counter() - t_read, 1e-9)
+    if metrics is not None:
+        for s, values in good:
+            log_step(metrics, tb, bar, s, values, lrs.pop(s, float("nan")), img_per_s)
+    lrs.clear()
+    if bad is not None:
+        s, values = rows[bad]
+        raise NonFiniteLossError(non_finite_message(s, values, last_checkpoint, norm=tracker.last_norms[bad],
+                                                    stopped_at=step, skipped=True))
+    return dict(rows[-1][1]) if rows else {}
+
+
+class _Position:
+    """The loader position of the batches handed out, for checkpoints while a batch is prefetched."""
+
+    def __init__(self, feed: Prefetcher):
+        self.feed = feed
+
+    def state_dict(self):
+        return self.feed.state()
 
 
 def log_step(metrics: "MetricsLog", tb, bar, step: int, values: Mapping[str, float], lr: float,
