@@ -1,6 +1,7 @@
 """Many processes on the CPU (gloo, 2 processes, a tiny model): results independent of the world
-size for DDP and FSDP2, two simulated nodes then one process, a SIGKILLed rank, torchrun's
---max-restarts, and the run directory's lock.
+size for DDP (across a torchrun --max-restarts restart) and FSDP2, two simulated nodes then one
+process, a SIGKILLed rank, a frozen rank, and the run directory's lock. Each launch costs a few
+seconds of imports per process, so the tests are few and each checks several things.
 
 This file is also the worker that torchrun starts: ``python tests/test_distributed.py run --out DIR
 [--stop-after K] [--crash-once-at K] [key=value ...]`` calls ``pretrain`` with the loader below.
@@ -177,10 +178,15 @@ def reference_checkpoint(reference, step):
 
 # --------------------------------------------------------------------------- world-size equivalence
 
-def test_ddp_two_processes_match_one_process(tmp_path, reference):
+def test_ddp_two_processes_match_one_process_across_a_torchrun_restart(tmp_path, reference):
+    """2 processes x 2 images == 1 x 4 for 4 steps. On the way rank 1 crashes in step 3 (first
+    attempt only) and torchrun --max-restarts 1 restarts both, which resume from step 2 by
+    themselves (and take over the lock the killed rank 0 left)."""
     out = tmp_path / "ddp"
-    ok(torchrun("--nproc-per-node", "2", *worker_args(out, f"train.batch_size={GLOBAL_BATCH // 2}")))
-    assert_same_losses(losses(out), losses(reference))
+    proc = ok(torchrun("--nproc-per-node", "2", "--max-restarts", "1",
+                       *worker_args(out, f"train.batch_size={GLOBAL_BATCH // 2}", crash_once_at=3)))
+    assert "crashing on purpose" in proc.stdout + proc.stderr               # the first attempt did crash
+    assert_same_losses(losses(out), losses(reference))                      # steps 1..4, once each
     assert_same_weights(latest_checkpoint(out), reference_checkpoint(reference, 4))
     state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["global_batch"] == GLOBAL_BATCH and state["parallel"] == "ddp"
@@ -309,15 +315,6 @@ def test_a_frozen_rank_is_named_by_the_heartbeat(tmp_path):
             p.wait()
     assert procs[0].returncode == 1
     assert "lost rank 1 (pid" in stderr and "no heartbeat" in stderr, stderr[-3000:]
-
-
-def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, reference):
-    out = tmp_path / "run"
-    proc = ok(torchrun("--nproc-per-node", "2", "--max-restarts", "1",
-                       *worker_args(out, f"train.batch_size={GLOBAL_BATCH // 2}", crash_once_at=3)))
-    assert "crashing on purpose" in proc.stdout + proc.stderr               # the first attempt did crash
-    assert_same_losses(losses(out), losses(reference))                      # steps 1..4 once each
-    assert_same_weights(latest_checkpoint(out), reference_checkpoint(reference, 4))
 
 
 # --------------------------------------------------------------------------- the lock
