@@ -192,6 +192,8 @@ setup(
         # exec_dynamic, run(cuda_stream, **inputs) and decoders.image(adjust_orientation=) as stellar.data.dali uses them
         "dali": ["nvidia-dali-cuda130>=2.0,<3"],
         "triton": ["triton>=3.4"],
+        # train.fp8 (torchao float8 training of the ViT linears; CUDA, compute capability >= 8.9)
+        "fp8": ["torchao>=0.16,<0.19"],
     },
     entry_points={"console_scripts": ["stellar=stellar.cli:main"]},
     ext_modules=ext_modules,

@@ -263,3 +263,47 @@ def test_fast_steps_run_under_sync_debug_error_mode():
         torch.cuda.set_sync_debug_mode("default")
     rows = tracker.read()
     assert [s for s, _ in rows] == [1, 2, 3] and all(math.isfinite(v["loss"]) for _, v in rows)
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+def _nan_at(step):
+    def model_fn(model_cfg):
+        model = build_model(dict(model_cfg))
+        forward, calls = model.forward, [0]
+
+        def poisoned(batch):
+            calls[0] += 1
+            out = forward(batch)
+            if calls[0] == step:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+    return model_fn
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_trainer_stops_at_the_read_after_a_non_finite_step(tmp_path, sync_free):
+    """sync_free: step 3 is non-finite, its update is skipped on the device, the run goes on to
+    the next read (log.every 5: step 5) and stops there naming step 3, with rows 1-2 logged and
+    no checkpoint past step 2; the reference path stops at once, before updating."""
+    from stellar.train import NonFiniteLossError, load_config, pretrain, read_metrics
+    from stellar.train.checkpoint import latest_checkpoint
+    from test_train import TINY, seeded_loader
+    cfg = load_config(None, [*TINY, "train.steps=10", "train.checkpoint_every=2", "log.every=5",
+                             f"train.sync_free={str(sync_free).lower()}"])
+    if sync_free:
+        cfg["train"]["checkpoint_every"] = 8                     # the read at step 5 finds it
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain(cfg, tmp_path / "run", loader_fn=seeded_loader, model_fn=_nan_at(3))
+    message = str(err.value)
+    assert "non-finite loss at step 3" in message and "loss=nan" in message
+    rows = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.csv")]
+    assert rows == [1, 2]
+    if sync_free:
+        assert "skipped on the device" in message and "stopped at step 5" in message
+        assert latest_checkpoint(tmp_path / "run") is None and "no checkpoint" in message
+    else:
+        assert "Stopped before updating" in message and latest_checkpoint(tmp_path / "run").name == "step_00000002"
