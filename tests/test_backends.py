@@ -180,10 +180,11 @@ def test_two_ranks_read_what_one_process_reads(folder, backend):
 
 def test_views_dtype_bfloat16(folder):
     root, _, _ = folder
-    _, f32 = _epoch(root, "reference", batch_size=4)
-    _, b16 = _epoch(root, "reference", batch_size=4, dtype="bfloat16")
-    assert b16[0]["image"].dtype == torch.bfloat16
-    torch.testing.assert_close(b16[0]["global_views"].float(), f32[0]["global_views"], atol=4e-3, rtol=0)
+    kw = {"batch_size": 4, "num_workers": 0, "seed": 11, "device": "cpu", **SPEC}
+    f32 = next(iter(build_loader(root, backend="reference", **kw)))
+    b16 = next(iter(build_loader(root, backend="reference", dtype="bfloat16", **kw)))
+    assert b16["image"].dtype == torch.bfloat16 and torch.equal(b16["crops"], f32["crops"])
+    torch.testing.assert_close(b16["global_views"].float(), f32["global_views"], atol=4e-3, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,8 +165,8 @@ class _Reader(Dataset):
     draws ("uniforms", "keep"), or with `views` (the reference) the finished batch under "batch"}.
     Runs in DataLoader workers."""
 
-    def __init__(self, files, listed_bad, worker_decode, spec=None, seed=0, views=None):
-        self.files, self.listed_bad = files, listed_bad
+    def __init__(self, files, order: SampleOrder, listed_bad, worker_decode, spec=None, seed=0, views=None):
+        self.files, self.order, self.listed_bad = files, order, listed_bad
         self.worker_decode, self.spec, self.seed, self.views = worker_decode, spec, seed, views
 
     def __len__(self):
@@ -175,9 +175,7 @@ class _Reader(Dataset):
     def load(self, index: int, bad: dict, decode=None):
         """(file index used, payload) for a sample of file `index`: it, or the next good one."""
         decode = decode or self.worker_decode
-        n = len(self.files)
-        for step in range(n):
-            j = (index + step) % n  # SampleOrder.candidates: the substitution rule of every backend
+        for j in self.order.candidates(index):  # the substitution rule of every backend
             path = self.files[j]
             if path in self.listed_bad:
                 bad[path] = self.listed_bad[path]
@@ -186,7 +184,8 @@ class _Reader(Dataset):
                 return j, decode(_decode.read_bytes(path), path)
             except _decode.DecodeError as e:
                 bad[path] = e.reason
-        raise RuntimeError(f"none of the {n} images could be decoded (e.g. {self.files[index]}: {bad.get(self.files[index])})")
+        raise RuntimeError(f"none of the {len(self.files)} images could be decoded (e.g. {self.files[index]}: "
+                           f"{bad.get(self.files[index])})")
 
     def __getitem__(self, sl: Slice) -> dict:
         bad: dict = {}
@@ -213,6 +212,7 @@ class Loader:
 
     backend = "?"
     default_views = "op"
+    chosen = "the class asked for"  # why this backend: build_loader says whether auto picked it
 
     def __init__(self, root=None, spec: Optional[ViewSpec] = None, batch_size: int = 32, *, num_workers: int = 2,
                  seed: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None, shuffle: bool = True,
@@ -225,7 +225,8 @@ class Loader:
             raise ValueError(f"spec must be a ViewSpec, got {type(self.spec).__name__}")
         self.num_workers, self.seed = num_workers, int(seed)
         self.device = _device(device)
-        self.views = resolve_views(views or self.default_views, self.device)
+        # where the view step runs: the workers (CPU) for the reference, else the loader's device
+        self.views = resolve_views(views or self.default_views, "cpu" if self._views_in_workers() else self.device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
 
         self.folder = resolve_root(root, split)
@@ -246,7 +247,7 @@ class Loader:
 
     def _listed_bad(self, root, check: bool, bad_list) -> dict:
         """{path: reason} of the files known to be bad before the first epoch: the lists of
-        `stellar data check` (an explicit `bad_list`, else the folder's), or a check now."""
+        `stellar data check` (an explicit `bad_list` and the folder's own), or a check now when none exists."""
         if bad_list is not None and not Path(bad_list).is_file():
             raise FileNotFoundError(f"bad_list {str(bad_list)!r} does not exist (write it with `stellar data check DIR`)")
         lists = [Path(bad_list)] if bad_list is not None else []
@@ -293,7 +294,7 @@ class Loader:
         where = {"reference": "Pillow in CPU workers", "torchvision": "nvJPEG on " + str(self.device)
                  if self.device.type == "cuda" else "libjpeg-turbo/libpng in CPU workers",
                  "dali": "DALI " + ("mixed on " + str(self.device) if self.device.type == "cuda" else "cpu pipeline")}
-        return (f"data: backend {self.backend} (decode: {where[self.backend]}; views: {self.views} on "
+        return (f"data: backend {self.backend} [{self.chosen}] (decode: {where[self.backend]}; views: {self.views} on "
                 f"{'the CPU workers' if self._views_in_workers() else self.device}), {len(self.files)} images in "
                 f"{self.folder}, {len(self._listed)} listed bad, {len(self)} batches of {self.batch_size} per epoch "
                 f"on rank {self.rank}/{self.world_size}")
@@ -321,7 +322,7 @@ class Loader:
         epoch = self._epoch
         slices = self.order.slices(epoch, self._position)
         in_workers = self._views_in_workers()
-        reader = _Reader(self.files, self._listed, self._worker_decode(), self.spec, self.seed,
+        reader = _Reader(self.files, self.order, self._listed, self._worker_decode(), self.spec, self.seed,
                          self.views if in_workers else None)
         items = DataLoader(reader, batch_size=None, sampler=slices, num_workers=self.num_workers,
                            pin_memory=self.pin_memory,
@@ -364,7 +365,7 @@ class Loader:
             return index, _decode.decode_bytes(data, path, screen=False)
         except _decode.DecodeError as e:
             bad[path] = f"{reason}; reference: {e.reason}"
-        reader = _Reader(self.files, {**self._listed, **self.bad_files, **bad}, _decode_reference)
+        reader = _Reader(self.files, self.order, {**self._listed, **self.bad_files, **bad}, _decode_reference)
         return reader.load((index + 1) % len(self.files), bad)
 
     def _note_bad(self, bad: dict) -> None:
@@ -552,6 +553,10 @@ def build_loader(root: Optional[Union[str, Path]] = None, backend: str = "auto",
     unknown = sorted(set(kw) - known)
     if unknown:
         raise TypeError(f"build_loader got unknown arguments: {unknown}")
+    chosen = None
     if backend == "auto":
-        backend, _ = pick_backend(kw.get("device"))
-    return _LOADERS[backend](root, spec, batch_size, **kw)
+        backend, why = pick_backend(kw.get("device"))
+        chosen = f"auto: {why}"
+    loader = _LOADERS[backend](root, spec, batch_size, **kw)
+    loader.chosen = chosen or f"backend={backend!r} asked for"
+    return loader
