@@ -3,6 +3,7 @@
     pytest benchmarks/bench_factorization.py --benchmark-only -s        # CUDA: the full grid
     python benchmarks/bench_factorization.py RESULTS.json               # table from --benchmark-json
     python benchmarks/bench_factorization.py check                      # Triton vs float64, on CUDA
+    python benchmarks/bench_factorization.py tune [--write] [--mix]     # sweep the tile table (GPU)
     python benchmarks/bench_factorization.py run OUT.json               # timings without pytest-benchmark
 
 Shapes (bf16, r 16): B 128 / 1024, N 196, D 768 (ViT-B/16) and B 128, N 256, D 1280 (ViT-H/14);
@@ -198,36 +199,219 @@ def summarize(path: str) -> str:
     return "\n".join(lines)
 
 
-def check(shapes=((8, 196, 768, 768), (8, 256, 1280, 1280), (3, 197, 100, 40), (2, 13, 2100, 48))) -> bool:
-    """Triton vs the float64 reference on this device: Z, L and the three gradients; max error
-    relative to the largest reference value under 1e-2 (bf16) and 1e-3 (fp32)."""
+def _errors(B, N, r, D, Dv, dtype, seed=0) -> dict:
+    """Relative errors (max |ours - float64| / max |float64|, absolute where the reference is 0)
+    of Z, L and the three gradients, the same rounded inputs and upstream gradients for both."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    master = [torch.randn(B, N, D, device=DEVICE, dtype=torch.float64, generator=g),
+              torch.randn(B, r, D, device=DEVICE, dtype=torch.float64, generator=g),
+              torch.randn(B, r, Dv, device=DEVICE, dtype=torch.float64, generator=g)]
+    dZ = torch.randn(B, N, Dv, device=DEVICE, dtype=torch.float64, generator=g).to(dtype)
+    dL = torch.randn(B, N, r, device=DEVICE, dtype=torch.float64, generator=g).to(dtype)
+    ours = [t.to(dtype).requires_grad_() for t in master]
+    ref = [t.detach().double().requires_grad_() for t in ours]
+    Z, L = factorize(*ours, backend="triton")
+    Zr, Lr = reference.factorize(*ref, 0.06, 1e-7)
+    torch.autograd.backward((Z, L), (dZ, dL))
+    torch.autograd.backward((Zr, Lr), (dZ.double(), dL.double()))
+    pairs = [("Z", Z, Zr), ("L", L, Lr)] + [
+        (f"d_{n}", a.grad, b.grad) for n, a, b in zip(("dense", "sparse_q", "sparse_v"), ours, ref)]
+    return {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            if b.abs().max() > 0 else (a.double() - b).abs().max().item() for n, a, b in pairs}
+
+
+CHECKS = [  # (B, N, r, D, Dv), dtypes: the production shapes, then r 1 / 128 and awkward widths
+    ((8, 196, 16, 768, 768), ("bf16", "fp16", "fp32", "fp32-tf32")),
+    ((8, 256, 16, 1280, 1280), ("bf16",)),
+    ((8, 196, 32, 768, 512), ("bf16", "fp32")),
+    ((8, 196, 1, 768, 768), ("bf16", "fp32")),
+    ((4, 196, 128, 768, 768), ("bf16", "fp32")),
+    ((3, 197, 7, 100, 40), ("bf16", "fp16", "fp32")),
+    ((2, 13, 16, 2100, 48), ("bf16",)),
+]
+TOLERANCE = {"bf16": 1e-2, "fp16": 1e-2, "fp32": 1e-4, "fp32-tf32": 1e-2}
+
+
+def check(checks=CHECKS) -> bool:
+    """Triton vs the float64 reference on this device: Z, L and the three gradients, max error
+    relative to the largest reference value under TOLERANCE (fp32-tf32: fp32 inputs with
+    torch.backends.cuda.matmul.allow_tf32 on)."""
     ok = True
-    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-3), (torch.float16, 1e-2)):
-        for B, N, D, Dv in shapes:
-            for r in (1, 16, 128):
-                g = torch.Generator(device=DEVICE).manual_seed(B * N + r)
-                master = [torch.randn(B, N, D, device=DEVICE, dtype=torch.float64, generator=g),
-                          torch.randn(B, r, D, device=DEVICE, dtype=torch.float64, generator=g),
-                          torch.randn(B, r, Dv, device=DEVICE, dtype=torch.float64, generator=g)]
-                dZ = torch.randn(B, N, Dv, device=DEVICE, dtype=torch.float64, generator=g).to(dtype)
-                dL = torch.randn(B, N, r, device=DEVICE, dtype=torch.float64, generator=g).to(dtype)
-                # the same (rounded) inputs and upstream gradients for both: the error of the computation
-                ours = [t.to(dtype).requires_grad_() for t in master]
-                ref = [t.detach().double().requires_grad_() for t in ours]
-                Z, L = factorize(*ours, backend="triton")
-                Zr, Lr = reference.factorize(*ref, 0.06, 1e-7)
-                torch.autograd.backward((Z, L), (dZ, dL))
-                torch.autograd.backward((Zr, Lr), (dZ.double(), dL.double()))
-                pairs = [("Z", Z, Zr), ("L", L, Lr)] + [
-                    (f"d_{n}", a.grad, b.grad) for n, a, b in zip(("dense", "sparse_q", "sparse_v"), ours, ref)]
-                # relative to the largest reference value (absolute where it is exactly 0: r = 1)
-                errs = {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                        if b.abs().max() > 0 else (a.double() - b).abs().max().item() for n, a, b in pairs}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for (B, N, r, D, Dv), names in checks:
+            for name in names:
+                torch.backends.cuda.matmul.allow_tf32 = name == "fp32-tf32"
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
+                errs = _errors(B, N, r, D, Dv, dtype, seed=B * N + r)
                 worst = max(errs.values())
-                ok &= worst < tol
-                print(f"{'ok  ' if worst < tol else 'FAIL'} {str(dtype):15s} B{B} N{N} r{r} D{D} Dv{Dv} "
-                      + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
+                ok &= worst < TOLERANCE[name]
+                print(f"{'ok  ' if worst < TOLERANCE[name] else 'FAIL'} {name:9s} B{B} N{N} r{r} D{D} Dv{Dv} "
+                      + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return ok
+
+
+# ----------------------------------------------------------------------------- tuning the tile table
+
+TUNE_KEYS = [  # (table key, representative shape B, N, r, D, Dv), most important first
+    (("bfloat16", 16, 1024), (128, 196, 16, 768, 768)),
+    (("bfloat16", 16, None), (128, 256, 16, 1280, 1280)),
+    (("bfloat16", 16, 512), (128, 196, 16, 384, 384)),
+    (("bfloat16", 32, 1024), (128, 196, 32, 768, 768)),
+    (("float16", 16, 1024), (128, 196, 16, 768, 768)),
+    (("float32-tf32", 16, 1024), (128, 196, 16, 768, 768)),
+    (("float32", 16, 1024), (128, 196, 16, 768, 768)),
+    (("bfloat16", 32, None), (128, 256, 32, 1280, 1280)),
+    (("float16", 16, None), (128, 256, 16, 1280, 1280)),
+]
+
+
+def _neighbours(tile):
+    """The tile and its neighbours one step away in one field (halve / double a block, the other
+    warp count, one stage less / more), validated."""
+    from stellar.kernels import factorize_triton as ft
+
+    bn, bc, w, s = tile
+    out = [tile, (bn // 2, bc, w, s), (bn * 2, bc, w, s), (bn, bc // 2, w, s), (bn, bc * 2, w, s),
+           (bn, bc, 8 if w == 4 else 4, s), (bn, bc, w, s - 1), (bn, bc, w, s + 1)]
+    good = []
+    for t in out:
+        try:
+            ft.check_tile(t, "candidate")
+        except ValueError:
+            continue
+        if t not in good:
+            good.append(t)
+    return good
+
+
+def _tune_inputs(B, N, r, D, Dv, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    dense = torch.randn(B, N, D, device=DEVICE, dtype=dtype, generator=g)
+    sq = torch.randn(B, r, D, device=DEVICE, dtype=dtype, generator=g)
+    sv = torch.randn(B, r, Dv, device=DEVICE, dtype=dtype, generator=g)
+    dZ = torch.randn(B, N, Dv, device=DEVICE, dtype=dtype, generator=g)
+    dL = torch.randn(B, N, r, device=DEVICE, dtype=dtype, generator=g)
+    return dense, sq, sv, dZ, dL
+
+
+def tune(budget_s: float = 60.0, write_to: str | None = None, keys=TUNE_KEYS, bench=None, device_name=None) -> list:
+    """Sweep each table entry's neighbourhood with triton.testing.do_bench (median, L2 flushed),
+    one kernel at a time in the order fwd, rows, dense, values (each at the others' best so far),
+    most important keys first, until `budget_s` is spent; a candidate must win by 2 %. With
+    `write_to` (kernels/factorize_tiles.py for `--write`), write the table with the winners and
+    the device, date and times in each tuned entry's comment. `bench(fn) -> ms` replaces do_bench
+    (tests). Returns rows (key, kernel, old tile, old ms, new tile, new ms)."""
+    import datetime
+    import warnings
+
+    import triton
+
+    from stellar.kernels import factorize_tiles, factorize_triton as ft
+
+    if bench is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    start = time.perf_counter()
+    device = device_name or torch.cuda.get_device_name()
+    tiles = {k: dict(v) for k, v in factorize_tiles.TILES.items()}
+    before = {k: dict(v) for k, v in factorize_tiles.TILES.items()}
+    notes = _existing_notes()
+    rows, tuned = [], []
+    was_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for key, (B, N, r, D, Dv) in keys:
+            if time.perf_counter() - start > budget_s:
+                print(f"tune: budget of {budget_s:.0f} s spent; {key} and later keys keep their entries", flush=True)
+                break
+            torch.backends.cuda.matmul.allow_tf32 = key[0] == "float32-tf32"
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(key[0], torch.float32)
+            assert ft.table_key(dtype, r, D, Dv) == key, (key, ft.table_key(dtype, r, D, Dv))
+            dense, sq, sv, dZ, dL = _tune_inputs(B, N, r, D, Dv, dtype)
+            _, _, logits, inv_n, inv_k = ft.factorize_forward(dense, sq, sv, 0.06, 1e-7, True)
+            fns = {"fwd": lambda: ft.factorize_forward(dense, sq, sv, 0.06, 1e-7, True),
+                   "bwd": lambda: ft.factorize_backward(dZ, dL, dense, sq, sv, logits, inv_n, inv_k, 0.06, 1e-7)}
+            for kernel in ft.KERNELS:
+                fn = fns["fwd" if kernel == "fwd" else "bwd"]
+                best, best_ms, first_ms = tiles[key][kernel], None, None
+                for cand in _neighbours(tiles[key][kernel]):
+                    if time.perf_counter() - start > budget_s and best_ms is not None:
+                        break
+                    factorize_tiles.TILES[key] = dict(tiles[key], **{kernel: cand})
+                    ft._FALLBACK.clear()
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("error", RuntimeWarning)  # a retried launch is not this tile
+                            ms = bench(fn)
+                    except Exception as e:  # noqa: BLE001  a tile this device cannot run: skipped
+                        print(f"  {key} {kernel} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                    if first_ms is None:
+                        first_ms = ms
+                    if best_ms is None or ms < best_ms * 0.98:  # 2 %: not noise
+                        best, best_ms = cand, ms
+                tiles[key][kernel] = best
+                factorize_tiles.TILES[key] = dict(tiles[key])
+                rows.append((key, kernel, before[key][kernel], first_ms, best, best_ms))
+                print(f"  {key} {kernel}: {rows[-1][2]} {first_ms or float('nan'):.4f} ms -> {best} "
+                      f"{best_ms or float('nan'):.4f} ms", flush=True)
+            tuned.append(key)
+            fwd_ms, bwd_ms = bench(fns["fwd"]), bench(fns["bwd"])
+            notes[key] = (f"tuned {datetime.date.today()} on {device}, triton {triton.__version__}, "
+                          f"B{B} N{N} r{r} D{D} Dv{Dv}: fwd {fwd_ms:.4f} ms, bwd {bwd_ms:.4f} ms")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was_tf32
+        factorize_tiles.TILES.update({k: dict(v) for k, v in tiles.items()})
+    if write_to and tuned:
+        with open(write_to, "w") as f:
+            f.write(ft.render_table(tiles, factorize_tiles.MIX, notes))
+        print(f"tune: wrote {len(tuned)} tuned entries to {write_to}", flush=True)
+    return rows
+
+
+def _existing_notes() -> dict:
+    """The comments of the table's entries (a tuned entry keeps its comment unless re-tuned)."""
+    import ast
+    import re
+
+    from stellar.kernels import factorize_tiles
+
+    with open(factorize_tiles.__file__) as f:
+        text = f.read()
+    return {ast.literal_eval(k): v for k, v in re.findall(r"^    (\(.*?\)): \{.*\},  # (.*)$", text, re.M)}
+
+
+def mix_report(shape=(128, 196, 16, 768, 768)) -> list:
+    """Each MIX choice for bf16 and fp16: fwd+bwd time at `shape` and the worst relative error vs
+    float64 at a small shape. The table's MIX is a policy a person sets from this; never changed here."""
+    from triton.testing import do_bench
+
+    from stellar.kernels import factorize_triton as ft
+
+    out = []
+    B, N, r, D, Dv = shape
+    for dtype in (torch.bfloat16, torch.float16):
+        dense, sq, sv, dZ, dL = _tune_inputs(B, N, r, D, Dv, dtype)
+        for mix in ft.MIX_CHOICES:
+            os.environ["STELLAR_FACTORIZE_MIX_PRECISION"] = mix
+            try:
+                def step():
+                    _, _, logits, inv_n, inv_k = ft.factorize_forward(dense, sq, sv, 0.06, 1e-7, True)
+                    ft.factorize_backward(dZ, dL, dense, sq, sv, logits, inv_n, inv_k, 0.06, 1e-7)
+
+                ms = do_bench(step, warmup=10, rep=40, return_mode="median")
+                err = max(_errors(4, 196, 16, 768, 768, dtype, seed=1).values())
+            finally:
+                del os.environ["STELLAR_FACTORIZE_MIX_PRECISION"]
+            out.append((str(dtype).replace("torch.", ""), mix, ms, err))
+            print(f"| MIX {out[-1][0]} | {mix} | fwd+bwd B{B} N{N} r{r} D{D} | {ms:.4f} ms | worst rel. error "
+                  f"(B4, vs float64) | {err:.2e} |", flush=True)
+    return out
 
 
 def run_without_pytest_benchmark() -> str:
@@ -261,6 +445,26 @@ def run_without_pytest_benchmark() -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "check":
         sys.exit(0 if check() else 1)
+    elif sys.argv[1] == "tune":
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="bench_factorization.py tune")
+        ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting new sweeps after this (default 60)")
+        ap.add_argument("--write", action="store_true", help="rewrite kernels/factorize_tiles.py with the winners")
+        ap.add_argument("--mix", action="store_true", help="also time and check every MIX choice (bf16, fp16)")
+        args = ap.parse_args(sys.argv[2:])
+        if not CUDA:
+            sys.exit("tune needs a CUDA device (and TRITON_INTERPRET unset)")
+        print(f"tune on {torch.cuda.get_device_name()}: do_bench median ms, neighbourhood of each table entry")
+        from stellar.kernels import factorize_tiles
+
+        rows = tune(args.budget_s, factorize_tiles.__file__ if args.write else None)
+        print("\n| key | kernel | table tile | ms | tuned tile | ms |\n| --- | --- | --- | --- | --- | --- |")
+        for key, kernel, old, old_ms, new, new_ms in rows:
+            print(f"| {key} | {kernel} | {old} | {old_ms or float('nan'):.4f} | {new} | {new_ms or float('nan'):.4f} |",
+                  flush=True)
+        if args.mix:  # after the table is written: a timeout here loses only these lines
+            mix_report()
     elif sys.argv[1] == "run":
         with open(sys.argv[2], "w") as f:
             f.write(run_without_pytest_benchmark())

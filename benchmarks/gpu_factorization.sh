@@ -3,20 +3,47 @@
 #
 #     bash benchmarks/gpu_factorization.sh
 #
-# 1. installs the package editable if `stellar` is not importable (no deps, no build isolation,
-#    no C++ extension: the factorization needs none),
-# 2. checks the Triton kernels against the float64 reference on the GPU (bf16 < 1e-2, fp32 < 1e-3
-#    relative error; Z, L and all three gradients; r 1/16/128, D up to 2100) and runs the
-#    factorization tests on CUDA,
-# 3. runs the benchmark (eager, torch.compile, Triton; fwd and fwd+bwd; GB/s and the fraction of
-#    a device copy measured in the same run), and prints a short table last.
-# Logs go to $OUT (default runs/gpu_factorization). Knobs: PYTHON (default python), SKIP_TESTS=1.
+# Within FACT_BUDGET_S seconds (default 170; each step under `timeout`, so the summary always
+# prints), logs under $OUT (default runs/gpu_factorization):
+#   0. installs the package editable if `stellar` is not importable (no deps, no build isolation,
+#      no C++ extension: the factorization needs none);
+#   1. report   (CPU, in the background from the start) the compile report of our Triton kernels
+#               for sm_90 with this machine's Triton: registers, spills, tensor-core use, waves
+#               (benchmarks/kernel_report.py --set ci --strict);
+#   2. tune     a triton.testing.do_bench sweep of the tile table's neighbourhood for the
+#               production keys, winners written into kernels/factorize_tiles.py with the device
+#               in a comment (copied to $OUT/factorize_tiles.py; commit it); every step after this
+#               one measures the tuned table; plus each MIX choice's time and error;
+#   3. check    Triton vs the float64 reference on the GPU (Z, L and the three gradients; bf16,
+#               fp16, fp32 and fp32 with TF32; r 1/16/32/128, D up to 2100, unaligned widths);
+#   4. tests    the factorization tests on CUDA (skipped with SKIP_TESTS=1, as `make gpu` does);
+#   5. bench    eager, torch.compile and Triton, fwd and fwd+bwd, GB/s and the fraction of a device
+#               copy measured in the same run;
+# and prints a short summary last (copy it into benchmarks/RESULTS.md with date, device, versions).
+# Knobs: PYTHON (default python), OUT, FACT_BUDGET_S, SKIP_TESTS=1, TUNE_BUDGET_S (default a quarter).
+# A caller that runs this under its own `timeout` must pass FACT_BUDGET_S below that timeout.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_factorization}"
 PY="${PYTHON:-python}"
+TOTAL="${FACT_BUDGET_S:-170}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
-status=0
+START=$(date +%s)
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+STATUS=()
+step() {  # step NAME BUDGET_S COMMAND...: run under timeout, log to $OUT/NAME.log
+  local name=$1 budget=$2; shift 2
+  local avail; avail=$(( $(left) - 15 ))  # keep time for the summary
+  [ "$budget" -gt "$avail" ] && budget=$avail
+  if [ "$budget" -lt 5 ]; then STATUS+=("$name: SKIPPED (budget)"); return 1; fi
+  echo "== $name (budget ${budget}s, log $OUT/$name.log)"
+  timeout --kill-after=5 "$budget" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  case $rc in 0) STATUS+=("$name: PASS") ;; 124|137) STATUS+=("$name: TIMEOUT after ${budget}s") ;; *) STATUS+=("$name: FAIL ($rc)") ;; esac
+  tail -n 8 "$OUT/$name.log"
+  return $rc
+}
 
 {
   date -u
@@ -30,41 +57,54 @@ if ! "$PY" -c "import stellar.kernels" 2>/dev/null; then
     || { echo "install failed: see $OUT/install.log"; tail -20 "$OUT/install.log"; exit 1; }
 fi
 "$PY" - <<'EOF' | tee -a "$OUT/env.txt"
-import json, torch, stellar.kernels as k
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+import json, torch, triton, stellar.kernels as k
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
 print(json.dumps(k.backend_info()))
 EOF
 
-echo "== correctness: Triton vs float64 reference on the GPU"
-"$PY" benchmarks/bench_factorization.py check 2>&1 | tee "$OUT/check.log"
-check_rc=${PIPESTATUS[0]}
-[ "$check_rc" -eq 0 ] || status=1
+# 1. the compile report needs no GPU: it runs on the CPU cores while the GPU steps run
+report_budget=$(( TOTAL - 20 ))
+timeout --kill-after=5 "$report_budget" "$PY" benchmarks/kernel_report.py --set ci --strict --no-cuda \
+  --jobs "$(( $(nproc) > 4 ? $(nproc) / 2 : 2 ))" --json "$OUT/report.json" >"$OUT/report.log" 2>&1 &
+report_pid=$!
 
+# 2. tune the table (writes kernels/factorize_tiles.py), then everything below uses it
+tune_budget="${TUNE_BUDGET_S:-$(( TOTAL / 4 ))}"
+step tune $(( tune_budget + 25 )) "$PY" benchmarks/bench_factorization.py tune --write --mix --budget-s "$tune_budget"
+cp kernels/factorize_tiles.py "$OUT/factorize_tiles.py"
+
+# 3. correctness on the GPU
+step check 35 "$PY" benchmarks/bench_factorization.py check
+check_rc=$?
+
+# 4. tests on CUDA
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests on CUDA"
-  timeout 300 "$PY" -m pytest tests/test_factorize.py tests/test_factorize_compile.py -q -p no:cacheprovider \
-    >"$OUT/tests.log" 2>&1
-  tests_rc=$?
-  tail -3 "$OUT/tests.log"
-  [ "$tests_rc" -eq 0 ] || status=1
+  step tests 50 "$PY" -m pytest tests/test_factorize.py tests/test_factorize_compile.py -q -x -p no:cacheprovider
 fi
 
-echo "== benchmark"
+# 5. benchmark
 if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-  "$PY" -m pytest benchmarks/bench_factorization.py --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1
-  bench_rc=$?
-  tail -5 "$OUT/bench.log"
-  [ "$bench_rc" -eq 0 ] || status=1
-  table=$("$PY" benchmarks/bench_factorization.py "$OUT/bench.json")
+  step bench 90 "$PY" -m pytest benchmarks/bench_factorization.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 else
-  echo "(pytest-benchmark not installed: timing the same cases with CUDA events)"
-  table=$("$PY" benchmarks/bench_factorization.py run "$OUT/bench.json" 2>"$OUT/bench.log") || status=1
+  step bench 90 "$PY" benchmarks/bench_factorization.py run "$OUT/bench.json"
 fi
-echo "$table" >"$OUT/table.txt"
+table=$([ -s "$OUT/bench.json" ] && "$PY" benchmarks/bench_factorization.py "$OUT/bench.json" 2>/dev/null)
+
+# the report: wait for it, but not past the budget
+while kill -0 "$report_pid" 2>/dev/null && [ "$(left)" -gt 5 ]; do sleep 1; done
+if kill -0 "$report_pid" 2>/dev/null; then
+  kill "$report_pid" 2>/dev/null; STATUS+=("report: TIMEOUT (see $OUT/report.log)")
+else
+  wait "$report_pid"; rc=$?
+  STATUS+=("report: $([ "$rc" -eq 0 ] && echo PASS || echo "FAIL ($rc)")")
+fi
 
 echo
-echo "== summary (median; GB/s over the floor bytes; copy% of the same-run copy bandwidth)"
-echo "correctness: $([ "$check_rc" -eq 0 ] && echo PASS || echo FAIL) (details: $OUT/check.log)"
+echo "== summary ($(( $(date +%s) - START )) s; logs in $OUT; tuned table: $OUT/factorize_tiles.py)"
+printf '%s\n' "${STATUS[@]}"
+echo "correctness: $([ "${check_rc:-1}" -eq 0 ] && echo PASS || echo FAIL) (details: $OUT/check.log)"
+grep -E "^\| \(|^\| MIX" "$OUT/tune.log" 2>/dev/null | head -40
+tail -n 1 "$OUT/report.log" 2>/dev/null
 echo "$table"
-exit $status
+[ "${check_rc:-1}" -eq 0 ] && ! printf '%s\n' "${STATUS[@]}" | grep -q -E "FAIL|TIMEOUT"

@@ -6,6 +6,7 @@ TRITON_INTERPRET=1); without either those tests skip and say why.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -281,34 +282,191 @@ def test_module_projects_then_factorizes(backend):
         module(dense, sparse)  # the default values (sparse) have width 40
 
 
+class _FailingKernel:
+    """Stands in for a @triton.jit kernel: raises `error(kwargs)` when it returns an exception
+    (a device without the resources for that tile), otherwise launches the real kernel."""
+
+    def __init__(self, real, error):
+        self.real, self.error, self.seen = real, error, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((kwargs["BLOCK_N"], kwargs.get("num_stages")))
+            exc = self.error(kwargs)
+            if exc is not None:
+                raise exc
+            return self.real[grid](*args, **kwargs)
+
+        return launch
+
+
 @needs_triton
-def test_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypatch):
-    """A device without the shared memory for a big tile gets a smaller BLOCK_N, same result."""
+@pytest.mark.parametrize("failure", ["OutOfResources", "driver"])
+def test_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypatch, failure):
+    """A device without the resources for a big tile gets a smaller one (with a warning), same result."""
     import triton
 
     from stellar.kernels import factorize_triton as ft
 
-    real = ft._factorize_fwd_kernel
-    seen = []
+    def error(kwargs):
+        if kwargs["BLOCK_N"] <= 32:
+            return None
+        if failure == "OutOfResources":
+            return triton.runtime.errors.OutOfResources(kwargs["BLOCK_N"] * 1024, 32 * 1024, "shared memory")
+        return RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
 
-    class SmallDevice:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["BLOCK_N"])
-                if kwargs["BLOCK_N"] > 32:
-                    raise triton.runtime.errors.OutOfResources(kwargs["BLOCK_N"] * 1024, 32 * 1024, "shared memory")
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(ft, "_factorize_fwd_kernel", SmallDevice())
-    monkeypatch.setattr(ft, "_MAX_BLOCK_N", {})
+    fake = _FailingKernel(ft._fwd_kernel, error)
+    monkeypatch.setattr(ft, "_fwd_kernel", fake)
+    monkeypatch.setattr(ft, "_FALLBACK", {})
     inputs = _inputs(1, 197, 7, 40, 24, torch.float32)
-    Z, L = factorize(*inputs, backend="triton")
+    with pytest.warns(RuntimeWarning, match="the fwd kernel failed to launch"):
+        Z, L = factorize(*inputs, backend="triton")
     Zr, Lr = reference.factorize(*(t.double() for t in inputs))
-    assert seen[0] > 32 and seen[-1] == 32
+    assert fake.seen[0][0] == 64 and fake.seen[-1][0] == 32
     _close(Z, Zr, torch.float32, "Z")
     _close(L, Lr, torch.float32, "L")
+    # the tile that worked is remembered: the next call launches it directly
+    fake.seen.clear()
+    factorize(*inputs, backend="triton")
+    assert [n for n, _ in fake.seen] == [32]
+
+
+@needs_triton
+def test_launch_failures_that_a_smaller_tile_cannot_fix_are_raised(monkeypatch):
+    from stellar.kernels import factorize_triton as ft
+
+    fake = _FailingKernel(ft._fwd_kernel, lambda kwargs: RuntimeError("Triton Error [CUDA]: an illegal memory access"))
+    monkeypatch.setattr(ft, "_fwd_kernel", fake)
+    monkeypatch.setattr(ft, "_FALLBACK", {})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        factorize(*_inputs(1, 13, 7, 40, 24, torch.float32), backend="triton")
+    assert len(fake.seen) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("value", ["48", "8", "512", "sixty-four"])
+def test_bad_block_n_knob_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("STELLAR_FACTORIZE_BLOCK_N", value)
+    with pytest.raises(ValueError, match=rf"STELLAR_FACTORIZE_BLOCK_N must be a power of two in 16..256, got '{value}'"):
+        factorize(*_inputs(1, 13, 7, 40, 24, torch.float32), backend="triton")
+
+
+@needs_triton
+def test_block_n_knob_sets_every_kernels_row_tile(monkeypatch):
+    """BLOCK_N=16 makes 13 tiles of N=197 in every kernel: same result as the table's tiles."""
+    monkeypatch.setenv("STELLAR_FACTORIZE_BLOCK_N", "16")
+    from stellar.kernels import factorize_triton as ft
+
+    assert {t[0] for k, t in ft.plan(torch.float32, 7, 40, 24).items() if k in ft.KERNELS} == {16}
+    _check_against_reference(_inputs(1, 197, 7, 40, 24, torch.float32), torch.float32)
+
+
+@needs_triton
+def test_bad_mix_precision_knob_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("STELLAR_FACTORIZE_MIX_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="STELLAR_FACTORIZE_MIX_PRECISION must be one of"):
+        factorize(*_inputs(1, 13, 7, 40, 24, torch.bfloat16), backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("mix", ["input", "tf32", "tf32x3", "ieee"])
+def test_every_mix_precision_is_accurate_for_bf16(monkeypatch, mix):
+    """Each choice of the MIX knob (what the GPU measurement will pick from) stays within the
+    bf16 tolerance; the interpreter applies the GPU's operand rounding of that choice."""
+    monkeypatch.setenv("STELLAR_FACTORIZE_MIX_PRECISION", mix)
+    _check_against_reference(_inputs(2, 70, 16, 100, 72, torch.bfloat16), torch.bfloat16)
+
+
+@needs_triton
+def test_tile_table_is_checked(monkeypatch):
+    from stellar.kernels import factorize_tiles, factorize_triton as ft
+
+    key = ("bfloat16", 16, 512)
+    bad = dict(factorize_tiles.TILES)
+    bad[key] = dict(bad[key], dense=(48, 64, 4, 3))
+    monkeypatch.setattr(factorize_tiles, "TILES", bad)
+    monkeypatch.setattr(ft, "_TABLE_CHECKED", [False])
+    with pytest.raises(ValueError, match=r"TILES\[\('bfloat16', 16, 512\)\]\['dense'\]: BLOCK_N=48 must be a power of two"):
+        factorize(*_inputs(1, 13, 7, 40, 24, torch.bfloat16), backend="triton")
+
+
+def test_tile_table_covers_every_key_and_renders_back():
+    """Every (compute dtype, r bucket, D bucket) has an entry, and the writer of `tune --write`
+    reproduces the file from the table."""
+    import pathlib
+
+    from stellar.kernels import factorize_tiles, factorize_triton as ft
+
+    keys = {(d, r, w) for d in ft.COMPUTE_DTYPES for r in factorize_tiles.R_BUCKETS for w in factorize_tiles.D_BUCKETS}
+    assert set(factorize_tiles.TILES) == keys
+    ft._TABLE_CHECKED[0] = False
+    ft._check_table()
+    text = pathlib.Path(factorize_tiles.__file__).read_text()
+    notes = {k: v for k, v in re.findall(r"^    (\(.*?\)): \{.*\},  # (.*)$", text, re.M)}
+    notes = {eval(k): v for k, v in notes.items()}  # noqa: S307  keys are tuples of literals
+    assert ft.render_table(factorize_tiles.TILES, factorize_tiles.MIX, notes) == text
+    assert ft.table_key(torch.bfloat16, 16, 768, 512) == ("bfloat16", 16, 1024)
+    assert ft.table_key(torch.float16, 7, 100, 2100) == ("float16", 16, None)
+    assert ft.table_key(torch.bfloat16, 33, 384, 384) == ("bfloat16", 64, 512)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # fp16's own 1e7 gradients
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_zero_rows_do_not_overflow_16_bit_operands(dtype, poisoned):
+    """A patch and a key with norm 0 are clamped to eps (1/|x| = 1e7): the 16-bit dot operands
+    stay unit-scale, so the other rows' and keys' gradients stay finite and right. (fp16 cannot
+    hold the clamped row's and key's own gradients, ~1e7: those two are left out for fp16.)"""
+    dense, sparse_q, sparse_v = _inputs(2, 13, 7, 40, 24, torch.float32)
+    dense[0, 3] = 0.0
+    sparse_q[1, 2] = 0.0
+    inputs = [t.to(dtype) for t in (dense, sparse_q, sparse_v)]
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    Z, L = factorize(*leaves, backend="triton")
+    Zr, Lr = reference.factorize(*ref_leaves)
+    g = torch.Generator().manual_seed(5)
+    dZ = torch.randn(Zr.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    (Z.double() * dZ).sum().backward()
+    (Zr * dZ).sum().backward()
+    _close(Z, Zr, dtype, "Z")
+    _close(L, Lr, dtype, "L")
+    _close(leaves[2].grad, ref_leaves[2].grad, dtype, "grad of sparse_v")
+    keep_rows, keep_keys = torch.ones(2, 13, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
+    if dtype == torch.float16:
+        keep_rows[0, 3] = keep_keys[1, 2] = False
+    _close(leaves[0].grad[keep_rows], ref_leaves[0].grad[keep_rows], dtype, "grad of dense")
+    _close(leaves[1].grad[keep_keys], ref_leaves[1].grad[keep_keys], dtype, "grad of sparse_q")
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 (a property monkeypatch cannot restore)."""
+    was = torch.backends.cuda.matmul.allow_tf32
+
+    def set_(value):
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_
+    torch.backends.cuda.matmul.allow_tf32 = was
+
+
+@needs_triton
+def test_fp32_uses_tf32_when_torch_allows_it(allow_tf32):
+    """allow_tf32 on: fp32 dots run on TF32 tensor cores (emulated in the interpreter: 10 mantissa
+    bits), within TF32's error of the float64 reference but not within the IEEE tolerance."""
+    from stellar.kernels import factorize_triton as ft
+
+    allow_tf32(True)
+    assert ft.table_key(torch.float32, 16, 768, 768)[0] == "float32-tf32"
+    inputs = _inputs(2, 70, 16, 200, 72, torch.float32)
+    Z, _ = factorize(*inputs, backend="triton")
+    Zr, _ = reference.factorize(*(t.double() for t in inputs))
+    err = ((Z.double() - Zr).abs().max() / Zr.abs().max()).item()
+    assert 1e-6 < err < 5e-3, err  # TF32: far from fp32 exactness, well within 10 mantissa bits
+    allow_tf32(False)
+    Z, _ = factorize(*inputs, backend="triton")
+    assert ((Z.double() - Zr).abs().max() / Zr.abs().max()).item() < 1e-5
 
 
 @needs_triton
@@ -337,3 +495,45 @@ def test_readme_example_runs():
     Z, L = head(torch.randn(2, 196, 32))
     assert Z.shape == (2, 196, 32) and L.shape == (2, 196, 16)
     torch.testing.assert_close(L.sum(-1), torch.ones(2, 196))
+
+
+@needs_triton
+def test_tuning_sweep_writes_its_winners_back(monkeypatch, tmp_path):
+    """The GPU tuning sweep (bench_factorization.py tune) without a GPU: a fake timer that
+    prefers BLOCK_N 32 stands in for do_bench; the winners and the device land in the written
+    table, which loads back and passes the table's checks."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    from stellar.kernels import factorize_tiles, factorize_triton as ft
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    import bench_factorization
+
+    monkeypatch.setattr(factorize_tiles, "TILES", {k: dict(v) for k, v in factorize_tiles.TILES.items()})
+    key = ("float32", 16, 512)
+    ran = set()
+
+    def fake_bench(fn):
+        tiles = factorize_tiles.TILES[key]
+        if fn not in ran:  # each timed function really runs once (interpreter)
+            ran.add(fn)
+            fn()
+        return 1.0 + sum(0.5 for t in tiles.values() if t[0] != 32) + 0.001 * sum(t[3] for t in tiles.values())
+
+    out = tmp_path / "factorize_tiles.py"
+    rows = bench_factorization.tune(100.0, str(out), keys=[(key, (1, 13, 16, 40, 24))], bench=fake_bench,
+                                    device_name="Fake GPU 9000")
+    assert [(k, kernel) for k, kernel, *_ in rows] == [(key, kernel) for kernel in ft.KERNELS]
+    assert all(new[0] == 32 for *_, new, _ in rows)
+    spec = importlib.util.spec_from_file_location("written_tiles", out)
+    written = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(written)
+    assert all(tile[0] == 32 for tile in written.TILES[key].values())
+    assert written.TILES[("bfloat16", 16, 1024)] == factorize_tiles.TILES[("bfloat16", 16, 1024)]
+    line = next(line for line in out.read_text().splitlines() if line.startswith(f"    {key!r}"))
+    assert "# tuned" in line and "Fake GPU 9000" in line and "B1 N13 r16 D40 Dv24" in line
+    monkeypatch.setattr(factorize_tiles, "TILES", written.TILES)
+    monkeypatch.setattr(ft, "_TABLE_CHECKED", [False])
+    ft._check_table()
