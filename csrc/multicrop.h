@@ -61,13 +61,18 @@ STELLAR_HD int reflect_index(int i, int n) {
   return i < n ? i : period - i;
 }
 
-// One output coordinate of a bilinear resize from `in_size` to `out_size`
-// (align_corners=False, no antialias, as torch.nn.functional.interpolate): the two source
-// indices inside the window and the weight of the second. Computed in double so the result
-// does not depend on the window position.
-STELLAR_HD void linear_source(int64_t out_index, int64_t in_size, int64_t out_size,
-                              int64_t* i0, int64_t* i1, float* lambda1) {
-  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+// The source-per-output step of a bilinear resize from `in_size` to `out_size`, in double:
+// computed once per crop and axis (a double division), not per pixel.
+STELLAR_HD double resize_scale(int64_t in_size, int64_t out_size) {
+  return static_cast<double>(in_size) / static_cast<double>(out_size);
+}
+
+// One output coordinate of a bilinear resize from `in_size` pixels with step `scale`
+// (resize_scale; align_corners=False, no antialias, as torch.nn.functional.interpolate): the two
+// source indices inside the window and the weight of the second. The source position is kept in
+// double (one multiply-add, no division) so the result does not depend on the window position.
+STELLAR_HD void linear_source(int64_t out_index, int64_t in_size, double scale, int64_t* i0,
+                              int64_t* i1, float* lambda1) {
   double src = (static_cast<double>(out_index) + 0.5) * scale - 0.5;
   if (src < 0.0) src = 0.0;
   int64_t lo = static_cast<int64_t>(src);  // floor: src >= 0
@@ -157,6 +162,40 @@ STELLAR_HD void gaussian_taps(float sigma, float* taps) {
   }
   for (int i = 0; i < kBlurTaps; ++i) taps[i] = static_cast<float>(w[i] / sum);
 }
+
+// The first invalid column of one crop row for `num_images` images, or -1 when the row is valid.
+// The same test on the host (rows on the CPU) and in the CUDA check kernel (rows on the GPU);
+// describe_row_error says what is wrong with that column.
+STELLAR_HD bool is_finite_value(float v) { return v - v == 0.f; }  // false for inf and NaN
+STELLAR_HD bool is_integer_value(float v) {
+#if defined(__CUDA_ARCH__)
+  return is_finite_value(v) && floorf(v) == v;
+#else
+  return is_finite_value(v) && std::floor(v) == v;
+#endif
+}
+
+STELLAR_HD int row_error(const float* r, int64_t num_images) {
+  for (int c = 0; c < kCols; ++c) {
+    if (!is_finite_value(r[c])) return c;
+  }
+  if (!is_integer_value(r[kImage]) || r[kImage] < 0.f || r[kImage] >= static_cast<float>(num_images)) return kImage;
+  if (!is_integer_value(r[kY0])) return kY0;
+  if (!is_integer_value(r[kX0])) return kX0;
+  if (!is_integer_value(r[kH]) || r[kH] < 1.f) return kH;
+  if (!is_integer_value(r[kW]) || r[kW] < 1.f) return kW;
+  if (r[kFlip] != 0.f && r[kFlip] != 1.f) return kFlip;
+  if (r[kBrightness] < 0.f) return kBrightness;
+  if (r[kContrast] < 0.f) return kContrast;
+  if (r[kSaturation] < 0.f) return kSaturation;
+  if (r[kHue] < -0.5f || r[kHue] > 0.5f) return kHue;
+  if (r[kGray] != 0.f && r[kGray] != 1.f) return kGray;
+  if (r[kSigma] < 0.f) return kSigma;
+  return -1;
+}
+
+// Raises the error for column `col` of row `k` (values `r`), as found by row_error.
+[[noreturn]] void raise_row_error(int64_t k, int col, const float* r, int64_t num_images);
 
 // Shared by the CPU and CUDA bodies: checks the arguments (messages name the argument) and
 // returns the output dtype. `check_values` reads the rows (only when they are on the CPU).

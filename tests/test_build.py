@@ -66,3 +66,33 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
         _ext.load()
     assert not _ext.is_available()
     assert _ext.extension_info()["built"] is False
+
+
+def test_cuda_tensors_always_reach_a_cuda_kernel():
+    """A CUDA build registers the CUDA body; a CPU-only build registers one that refuses CUDA
+    tensors with how to rebuild (not the dispatcher's 'could not run ... CUDA backend')."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("stellar::multicrop", "CUDA")
+
+
+@pytest.mark.parametrize("order", ["import stellar; import torch", "import torch; import stellar"])
+def test_import_stellar_makes_torch_ops_stellar_available(order):
+    """In a fresh interpreter, `import stellar` (before or after torch) registers every
+    torch.ops.stellar op, and does not itself import torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import stellar\n"
+        f"assert ('torch' in sys.modules) == {order.startswith('import torch')}, 'import stellar imported torch'\n"
+        f"{order.split(';')[-1].strip() if order.startswith('import stellar') else ''}\n"
+        "import torch\n"
+        "for name in ('multicrop', 'factorize_fwd', 'factorize_bwd'):\n"
+        "    getattr(torch.ops.stellar, name)\n"
+        "print('ok')\n"
+    )
+    if order.startswith("import torch"):
+        code = "import torch\n" + code
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

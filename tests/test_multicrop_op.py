@@ -24,12 +24,27 @@ C = {name: i for i, name in enumerate(COLS)}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_loaded():
+def _one_thread_loaded_and_poisoned():
+    """One thread; the extension loaded; and every buffer torch allocates uninitialized (at::empty
+    inside the op included) filled with NaN first, so an element the op forgets to write fails
+    the comparison (torch's deterministic mode fills uninitialized memory)."""
     _ext.load()  # a missing or stale extension fails here, loudly, not as a skip
     threads = torch.get_num_threads()
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_ops_buffers_are_poisoned(device):
+    """What makes the comparisons able to fail on an unwritten element: at::empty, the op's own
+    allocator call, hands out NaN here."""
+    assert torch.ops.aten.empty.memory_format([4, 3], device=device).isnan().all()
 
 
 def _images(sizes, gen):
@@ -266,6 +281,49 @@ def test_bad_inputs_name_the_argument(make, match, gen):
         torch.ops.stellar.multicrop(*make(images, rows))
 
 
+@CUDA
+@pytest.mark.parametrize(
+    "col,value,match",
+    [
+        (0, 5.0, r"crops\[1, 0\] \(image_index\) must be an integer in \[0, 1\), got 5"),
+        (0, -1.0, r"crops\[1, 0\] \(image_index\)"),
+        (0, float("nan"), r"crops\[1, 0\] is not finite"),
+        (3, 0.0, r"crops\[1, 3:5\] \(h, w\) must be integers >= 1"),
+        (4, -7.0, r"crops\[1, 3:5\] \(h, w\)"),
+        (2, float("inf"), r"crops\[1, 2\] is not finite"),
+        (11, -0.5, r"crops\[1, 11\] \(blur_sigma\)"),
+    ],
+)
+def test_bad_rows_on_the_device_are_caught_on_the_device(col, value, match, gen):
+    """Rows already on the GPU are checked there: a clear error naming the row and column, no
+    read outside the image table, and the CUDA context still works afterwards."""
+    images = [im.permute(1, 2, 0).cuda() for im in _images([(10, 12)], gen)]
+    rows = sample_crop_params([(10, 12)], 3, generator=gen)
+    bad = rows.clone()
+    bad[1, col] = value
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.stellar.multicrop(images, bad.cuda(), 8)
+    out = torch.ops.stellar.multicrop(images, rows.cuda(), 8)  # the context survived
+    torch.cuda.synchronize()
+    assert out.isfinite().all()
+
+
+@CUDA
+def test_blur_scratch_only_for_rows_that_blur(gen):
+    """Device rows without blur allocate no K x 3 x S x S float scratch (the output only)."""
+    sizes = [(120, 150)]
+    images = [im.permute(1, 2, 0).cuda() for im in _images(sizes, gen)]
+    rows = sample_crop_params(sizes, 64, generator=gen, blur_p=0.0).cuda()
+    out_bytes = 64 * 3 * 96 * 96 * 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = torch.ops.stellar.multicrop(images, rows, 96)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 1.5 * out_bytes
+    del out
+
+
 def test_bad_output_dtype_names_dtype(gen):
     images = [im.permute(1, 2, 0) for im in _images([(10, 12)], gen)]
     rows = sample_crop_params([(10, 12)], 2, generator=gen)
@@ -293,4 +351,22 @@ def test_auto_backend_warns_when_the_extension_is_missing(monkeypatch):
     # compared with the op (not with the reference it fell back to): a wrong fallback would show
     op = MultiCrop(views="op", **kw)(images)
     assert torch.equal(auto["crops"], op["crops"])
-    torch.testing.assert_close(auto["global_views"], op["global_views"], rtol=0, atol=1e-5)
+    for key in ("image", "global_views", "local_views"):
+        torch.testing.assert_close(auto[key], op[key], rtol=0, atol=1e-5)
+
+
+def test_readme_call_after_import_stellar():
+    """The README's example, `import stellar` then `torch.ops.stellar.multicrop(...)`, runs as
+    written in a fresh interpreter (nothing else loads stellar._C first)."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## The multi-crop op"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    check = "\nassert views.shape == (crops.shape[0], 3, 224, 224) and views.dtype == torch.bfloat16\nprint('ok')\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

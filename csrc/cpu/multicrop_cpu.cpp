@@ -25,10 +25,11 @@ void make_axis(Axis& a, int64_t start, int64_t window, int64_t extent, int64_t o
   a.i0.resize(out_size);
   a.i1.resize(out_size);
   a.l1.resize(out_size);
+  const double scale = resize_scale(window, out_size);
   for (int64_t o = 0; o < out_size; ++o) {
     int64_t j0, j1;
     float l;
-    linear_source(o, window, out_size, &j0, &j1, &l);
+    linear_source(o, window, scale, &j0, &j1, &l);
     const int64_t d = flip ? out_size - 1 - o : o;
     a.i0[d] = clamp_index(start + j0, extent);
     a.i1[d] = clamp_index(start + j1, extent);
