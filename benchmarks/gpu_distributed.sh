@@ -6,6 +6,7 @@
 #   plain again     the kernels' run-to-run noise, the yardstick for "the same"
 #   torchrun x1     torchrun --standalone --nproc-per-node 1  (nccl, DDP around the model)
 #   torchrun fsdp   the same with train.parallel=fsdp (bf16 parameters: reported, not required equal)
+#   torchrun x2     with 2+ GPUs: 2 processes x 32 against 1 x 64 (reported; time per image = speed-up)
 # then prints per-step loss differences and the median time per image of each against plain.
 # Copy the printed lines into benchmarks/RESULTS.md with the date, device, versions and commit.
 #   bash benchmarks/gpu_distributed.sh [key=value ...]      (e.g. train.batch_size=32 train.steps=30)
@@ -27,6 +28,10 @@ status=0
 $PY $BENCH compare "$WORK/plain" "$WORK/ddp" --reference "$WORK/plain2" --label "torchrun x1 ddp" || status=1
 $PY $BENCH compare "$WORK/plain" "$WORK/fsdp" --label "torchrun x1 fsdp (bf16 params)" --rtol 1e9 || true
 
-echo "== the CPU distributed tests (gloo, 2 processes) on this machine too"
-$PY -m pytest tests/test_distributed.py -q -p no:cacheprovider 2>&1 | tail -3 || status=1
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then
+  # Several GPUs: the same global batch (64) split over 2 processes, nccl, and the speed-up.
+  $PY -m torch.distributed.run --standalone --nproc-per-node 2 $BENCH run --out "$WORK/ddp2" train.batch_size=32 "$@"
+  $PY $BENCH compare "$WORK/plain" "$WORK/ddp2" --label "torchrun x2 ddp, batch 2x32 (bf16: reported)" --rtol 1e9 || true
+fi
 exit $status
