@@ -307,3 +307,50 @@ def test_trainer_stops_at_the_read_after_a_non_finite_step(tmp_path, sync_free):
         assert latest_checkpoint(tmp_path / "run") is None and "no checkpoint" in message
     else:
         assert "Stopped before updating" in message and latest_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
+# --------------------------------------------------------------------------- CUDA: the fast model against the reference
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_model_equals_the_reference_float32():
+    """On the GPU: packed encoder + the prototype CE's Triton kernels against the public structure,
+    float32 (no autocast), same weights and batch: losses and gradients."""
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(1)
+    batch = {k: v.to(device) for k, v in _batch(gen, B=3, G=3).items()}
+    grads = {}
+    for name, over in (("ref", dict(pack_views=False, clustering={**TINY["clustering"], "fused": False})),
+                       ("fast", dict(pack_views=True, clustering={**TINY["clustering"], "fused": True}))):
+        model = _model(seed=3, **over).to(device)
+        out = model(batch)
+        out["loss"].backward()
+        grads[name] = (out, {n: p.grad for n, p in model.named_parameters()})
+    (ref, g_ref), (fast, g_fast) = grads["ref"], grads["fast"]
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(fast["losses"][name], ref["losses"][name], rtol=1e-4, atol=1e-5)
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_fast[name], g, rtol=5e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["varlen", "xformers"])
+def test_cuda_packed_attention_backends_match_sdpa(backend):
+    """One varlen (or xformers block-diagonal) call over all sequences equals per-group SDPA, bf16."""
+    from stellar.nn import Transformer
+    from stellar.nn.vit import _varlen_fn, xformers_status
+    if backend == "varlen" and _varlen_fn() is None:
+        pytest.skip("torch.nn.attention.varlen is missing from this torch")
+    if backend == "xformers" and not xformers_status()["loads"]:
+        pytest.skip(xformers_status()["reason"])
+    torch.manual_seed(0)
+    tower = Transformer(128, 2, 2, 256).cuda()
+    xs = [torch.randn(B, T, 128, device="cuda", requires_grad=True) for B, T in ((4, 213), (16, 56), (16, 53))]
+    outs = {}
+    for name in ("sdpa", backend):
+        tower.attention = name
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = tower.forward_packed(xs)
+        grads = torch.autograd.grad(sum(o.float().square().mean() for o in out), xs)
+        outs[name] = ([o.float() for o in out], grads)
+    for a, b in zip(outs[backend][0] + list(outs[backend][1]), outs["sdpa"][0] + list(outs["sdpa"][1])):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
