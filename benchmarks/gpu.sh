@@ -17,7 +17,8 @@
 # and prints one summary table last. A part that runs out of its budget is stopped and marked
 # TIMEOUT; parts left when the total budget is spent are marked SKIPPED.
 # Knobs: PYTHON (default python), OUT, GPU_BUDGET_S (total, default 470), STEP_ARGS (extra
-# bench_step.py arguments, e.g. "--batch 64").
+# bench_step.py arguments, e.g. "--batch 64"), GPU_PARTS (only these parts, e.g. "build step" to
+# rerun the step benchmark alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -35,6 +36,9 @@ left() { echo $(( TOTAL - $(elapsed) )); }
 part() {
   local name=$1 budget=$2 headline=$3; shift 4
   local avail; avail=$(left)
+  if [ -n "${GPU_PARTS:-}" ] && ! [[ " $GPU_PARTS " == *" $name "* ]]; then
+    SUMMARY+=("| $name | SKIPPED | 0 | not in GPU_PARTS |"); return
+  fi
   if [ "$avail" -lt 20 ]; then
     SUMMARY+=("| $name | SKIPPED | 0 | total budget spent |"); echo "== $name: skipped (budget)"; return
   fi
@@ -67,25 +71,28 @@ part build 200 "grep -m1 -E 'xformers' '$OUT/build.log'" -- env PY="$PY" bash -c
 TESTS="tests/test_step.py tests/test_prototype_ce.py tests/test_multicrop_op.py tests/test_factorize.py \
 tests/test_factorize_compile.py tests/test_loader.py tests/test_backends.py tests/test_dali.py"
 existing=$(for f in $TESTS; do [ -f "$f" ] && echo "$f"; done)
-part tests 120 "grep -E '(passed|failed|error)' '$OUT/tests.log' | tail -1" -- \
+part tests 100 "grep -E '(passed|failed|error)' '$OUT/tests.log' | tail -1" -- \
   "$PY" -m pytest $existing -q -x -p no:cacheprovider -k "cuda or gpu or CUDA or GPU or triton or sync or prefetch"
 
-part factorization 75 "grep -m1 -E '^correctness:' '$OUT/factorization.log'" -- \
-  env SKIP_TESTS=1 OUT="$OUT/factorization" PYTHON="$PY" bash benchmarks/gpu_factorization.sh
+part factorization 90 "grep -m1 -E '^correctness:' '$OUT/factorization.log'" -- \
+  env SKIP_TESTS=1 FACT_BUDGET_S=80 OUT="$OUT/factorization" PYTHON="$PY" bash benchmarks/gpu_factorization.sh
 
-part multicrop 75 "grep -E 'ms|img/s' '$OUT/multicrop.log' | tail -1" -- env PYTHON="$PY" bash benchmarks/gpu_multicrop.sh
+part multicrop 60 "grep -E 'ms|img/s' '$OUT/multicrop.log' | tail -1" -- env PYTHON="$PY" bash benchmarks/gpu_multicrop.sh
 
 if [ -f benchmarks/bench_prototype_ce.py ]; then
-  part prototype_ce 60 "tail -1 '$OUT/prototype_ce.log'" -- "$PY" benchmarks/bench_prototype_ce.py
+  part prototype_ce 50 "tail -1 '$OUT/prototype_ce.log'" -- \
+    "$PY" benchmarks/bench_prototype_ce.py --budget-s 35 --json "$OUT/prototype_ce.json"
 else
   SUMMARY+=("| prototype_ce | SKIPPED | 0 | benchmarks/bench_prototype_ce.py not in this tree |")
 fi
 
 others=$(ls benchmarks/gpu_*.sh 2>/dev/null | grep -v -E 'gpu_(factorization|multicrop)\.sh|/gpu\.sh$' || true)
-reserve=$(( 60 * $(echo "$others" | grep -c . || true) ))
+# The step benchmark is the headline: it takes what is left but 45 s for each later script, at
+# most 240 s, at least 150 s (later scripts are then skipped rather than the step cut short).
+reserve=$(( 45 * $(echo "$others" | grep -c . || true) ))
 step_budget=$(( $(left) - reserve ))
 [ "$step_budget" -gt 240 ] && step_budget=240
-[ "$step_budget" -lt 60 ] && step_budget=60
+[ "$step_budget" -lt 150 ] && step_budget=150
 step_headline="'$PY' benchmarks/bench_step.py --headline '$OUT/step.json'"
 # shellcheck disable=SC2086
 part step "$step_budget" "$step_headline" -- \
@@ -93,7 +100,7 @@ part step "$step_budget" "$step_headline" -- \
 
 for script in $others; do
   name=$(basename "$script" .sh)
-  part "$name" 150 "tail -1 '$OUT/$name.log'" -- env PYTHON="$PY" bash "$script"
+  part "$name" 120 "tail -1 '$OUT/$name.log'" -- env PYTHON="$PY" OUT="$OUT/$name" bash "$script"
 done
 
 echo
