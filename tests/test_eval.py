@@ -33,8 +33,19 @@ def test_knn_matches_brute_force(M, T, D, C, k):
     got = knn_predict(train, labels, test, C, k=k, temperature=0.07, chunk=4)       # several chunks
     want = brute_force_knn(train, labels, test, C, min(k, M), 0.07)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
-    acc = knn_accuracy(train, labels, test, want.argmax(1), k=k, temperature=0.07, num_classes=C)
-    assert acc == 1.0
+    # Accuracy against labels the kNN never saw, with the brute-force votes' argmax as the prediction.
+    test_labels = torch.randint(0, C, (T,), generator=g)
+    brute_acc = sum(int(want[t].argmax()) == int(test_labels[t]) for t in range(T)) / T
+    assert knn_accuracy(train, labels, test, test_labels, k=k, temperature=0.07, num_classes=C) == pytest.approx(brute_acc)
+
+
+def test_knn_accuracy_counts_hits_on_a_hand_made_case():
+    # Memory on the unit circle; each query's nearest memory point decides (k=1).
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    labels = torch.tensor([0, 1, 2, 3])
+    test = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-0.9, -0.1], [0.2, -0.9], [0.8, -0.1]])
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1, 2, 3, 3]), k=1) == pytest.approx(4 / 5)
+    assert knn_accuracy(train, labels, test, torch.tensor([1, 1, 0, 0, 0]), k=1) == pytest.approx(2 / 5)
 
 
 def test_knn_on_separable_clusters_and_errors():

@@ -18,12 +18,13 @@ from torch import Tensor
 
 
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> Tensor:
+                k: int = 20, temperature: float = 0.07, chunk: int | None = None) -> Tensor:
     """Class scores of each test feature.
 
     train_features: Tensor[M, D]; train_labels: LongTensor[M] in [0, num_classes);
     test_features: Tensor[T, D] -> scores Tensor[T, num_classes] (sum of exp(cos / temperature)
     over the k nearest training features of each class). Features need not be normalized.
+    ``chunk``: test rows per similarity block (default: a block of at most 2**28 similarities, 1 GiB).
     """
     if train_features.dim() != 2 or test_features.dim() != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"train_features [M,D] and test_features [T,D] must share D, got "
@@ -33,6 +34,8 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, train_features.shape[0])
+    if chunk is None:
+        chunk = max(1, min(1024, 2**28 // max(1, train_features.shape[0])))
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
     labels = train_labels.long()
@@ -90,46 +93,64 @@ def prepare_images(images: Iterable[Tensor], size: int) -> Tensor:
     return torch.stack(out)
 
 
-@torch.no_grad()
 def extract_features(model: torch.nn.Module, dataset, image_size: int, batch_size: int = 256,
-                     device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+                     device: str | torch.device = "cpu", **kwargs) -> tuple[Tensor, Tensor]:
     """The mean sparse token of every image: (features Tensor[M, D], labels LongTensor[M]).
 
     ``dataset[i] -> (image Tensor[3,H,W], label)``; ``model.encode`` gives ``sparse [B,r,D]``.
+    ``kwargs`` go to ``stellar.eval.features.extract`` (cache, num_workers, progress, amp...).
+    Under torchrun, ranks other than 0 get ``(None, None)``.
     """
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                                         collate_fn=lambda items: items)
-    for items in loader:
-        x = prepare_images([img for img, _ in items], image_size).to(device)
-        feats.append(model.encode(x)["sparse"].float().mean(dim=1).cpu())        # B x D
-        labels.append(torch.tensor([int(label) for _, label in items]))
-    model.train(was_training)
-    if not feats:
-        raise ValueError("the dataset is empty")
-    return torch.cat(feats), torch.cat(labels)
+    from .features import extract
+
+    kwargs.setdefault("progress", False)
+    feats = extract(model, dataset, ("pooled",), image_size, batch_size, device, **kwargs)
+    if feats is None:
+        return None, None
+    return feats["pooled"], feats["label"]
+
+
+def split_features(model: torch.nn.Module, root: str | os.PathLike, split: str, image_size: int,
+                   batch_size: int = 256, device: str | torch.device = "cpu", limit: int | None = None,
+                   cache_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+                   num_workers: int = 0, amp: str = "auto", progress: bool = False) -> tuple[Tensor, Tensor]:
+    """``extract_features`` of ``root/split``, through the on-disk cache when ``cache_dir`` is given."""
+    from .features import FeatureCache
+
+    ds = load_split(root, split, limit)
+    cache = None
+    if cache_dir is not None:
+        settings = {"kinds": ["pooled"], "image_size": int(image_size), "amp": amp, "dtype": "float32",
+                    "split": split}
+        cache = FeatureCache.for_model(cache_dir, model, ds, settings, checkpoint)
+    return extract_features(model, ds, image_size, batch_size, device, cache=cache, num_workers=num_workers,
+                            amp=amp, progress=f"{split} features" if progress else False)
 
 
 def evaluate_knn(model: torch.nn.Module, root: str | os.PathLike | None = None, image_size: int = 64,
                  k: int = 20, temperature: float = 0.07, batch_size: int = 256,
                  device: str | torch.device = "cpu", max_train: int | None = None,
-                 max_val: int | None = None) -> dict:
+                 max_val: int | None = None, **extract_kwargs) -> dict | None:
     """kNN accuracy of ``model`` with the train split as memory and the val split as queries.
 
     ``root`` is an ImageFolder root with train/ and val/ (default: the embedded shapes set).
-    Returns ``{"accuracy", "k", "temperature", "num_train", "num_val", "num_classes"}``.
+    ``extract_kwargs``: cache_dir, checkpoint, num_workers, amp, progress (``split_features``).
+    Returns ``{"accuracy", "k", "temperature", "num_train", "num_val", "num_classes"}`` (None on
+    ranks other than 0 under torchrun).
     """
     if root is None:
         from stellar.data.shapes import ensure_shapes_dataset
 
         root = ensure_shapes_dataset()
-    root = Path(root)
-    train_ds, val_ds = load_split(root, "train", max_train), load_split(root, "val", max_val)
-    train_x, train_y = extract_features(model, train_ds, image_size, batch_size, device)
-    val_x, val_y = extract_features(model, val_ds, image_size, batch_size, device)
+    from .features import resolve_device
+
+    root, device = Path(root), resolve_device(device)
+    train_x, train_y = split_features(model, root, "train", image_size, batch_size, device, max_train, **extract_kwargs)
+    val_x, val_y = split_features(model, root, "val", image_size, batch_size, device, max_val, **extract_kwargs)
+    if train_x is None:
+        return None
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    acc = knn_accuracy(train_x, train_y, val_x, val_y, k, temperature, num_classes)
+    acc = knn_accuracy(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), k, temperature,
+                       num_classes)
     return {"accuracy": acc, "k": k, "temperature": temperature, "num_train": len(train_y),
             "num_val": len(val_y), "num_classes": num_classes}
