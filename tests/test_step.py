@@ -354,3 +354,20 @@ def test_cuda_packed_attention_backends_match_sdpa(backend):
         outs[name] = ([o.float() for o in out], grads)
     for a, b in zip(outs[backend][0] + list(outs[backend][1]), outs["sdpa"][0] + list(outs["sdpa"][1])):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def test_trainer_with_compile_logs_the_eager_runs_losses(tmp_path):
+    """train.compile (aot_eager) through pretrain: the same metrics rows as the eager run."""
+    from stellar.train import load_config, pretrain, read_metrics
+    from test_train import TINY, seeded_loader
+    torch._dynamo.reset()
+    rows = {}
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"])):
+        cfg = load_config(None, [*TINY, "train.steps=2", "train.checkpoint_every=2", *extra])
+        pretrain(cfg, tmp_path / name, loader_fn=seeded_loader)
+        rows[name] = read_metrics(tmp_path / name / "metrics.csv")
+    torch._dynamo.reset()
+    assert [r["step"] for r in rows["compiled"]] == [1, 2]
+    for a, b in zip(rows["compiled"], rows["eager"]):
+        for key in ("loss", *LOSS_NAMES):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
