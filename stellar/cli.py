@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=cmd_data_check)
 
-    p = sub.add_parser("demo", help="pretrain the tiny model on the embedded data, kNN before/after, concept maps")
+    p = sub.add_parser("demo", help="pretrain the tiny model on the embedded data; kNN and localization before/after, "
+                                    "reconstruction PSNR/SSIM, concept maps and a reconstruction grid")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/tiny.yaml")
