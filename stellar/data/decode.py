@@ -65,7 +65,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import stat
 import struct
 import sys
 import zlib
@@ -137,10 +139,15 @@ class ImageInfo:
 # bytes in
 # ------------------------------------------------------------------------------------------------
 def read_bytes(path) -> bytes:
-    """A file's bytes; a DecodeError naming the file when it cannot be read."""
+    """A file's bytes; a DecodeError naming the file when it cannot be read (or is not a regular
+    file: opening a FIFO named x.jpg would block forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DecodeError(path, "not a regular file")
         with open(path, "rb") as f:
             return f.read()
+    except DecodeError:
+        raise
     except OSError as e:
         raise DecodeError(path, f"cannot read the file: {e.strerror or e}") from e
 
@@ -357,15 +364,42 @@ _SOF_OTHER = {0xC3: "lossless", 0xC5: "hierarchical", 0xC6: "hierarchical", 0xC7
               0xCE: "hierarchical", 0xCF: "hierarchical"}
 
 
+def _check_dht(seg: bytes, pos: int, tables: dict) -> None:
+    """A DHT segment as libjpeg reads it (get_dht, jpeg_make_d_derived_tbl); sets
+    tables[(class, id)] = whether the table can serve as a DC table (symbols <= 15)."""
+    i = 0
+    while i < len(seg):
+        tc, th = seg[i] >> 4, seg[i] & 15
+        if tc > 1 or th > 3 or i + 17 > len(seg):
+            _bad(f"JPEG: malformed Huffman table segment at byte {pos}")
+        counts = seg[i + 1 : i + 17]
+        total = sum(counts)
+        if total > 256 or i + 17 + total > len(seg):
+            _bad(f"JPEG: malformed Huffman table segment at byte {pos}")
+        code = 0
+        for bits, count in enumerate(counts, start=1):
+            code += count
+            if code >= (1 << bits) and count:  # the codes of this length overflow (libjpeg: bogus table)
+                _bad(f"JPEG: invalid Huffman table at byte {pos} (its codes overflow)")
+            code <<= 1
+        tables[(tc, th)] = tc == 1 or max(seg[i + 17 : i + 17 + total], default=0) <= 15
+        i += 17 + total
+
+
 def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
+    """The marker walk of the module docstring; each refusal is one of libjpeg's (or Pillow's)
+    fatal errors, so that a file that passes decodes in both."""
     n = len(data)
     pos = 2
-    frame = None  # (precision, height, width, {component id: quant table})
+    frame = None  # (precision, height, width, {component id: (h, v, quant table)})
+    progressive = False
     qtables: set[int] = set()
+    htables: dict[tuple[int, int], bool] = {}
     notes = []
     adobe = None
     verified = True
     seen_scan = False
+    scans_done = False
     markers = None
 
     def next_marker(start):
@@ -376,13 +410,12 @@ def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
         if i == len(markers):
             _bad("truncated JPEG: the image data runs to the end of the file (no end-of-image marker)")
         return int(markers[i])
+
     while True:
         if pos + 2 > n:
             _bad(f"truncated JPEG: the file ends at byte {n} before the end-of-image marker")
         if data[pos] != 0xFF:
-            if not seen_scan:
-                _bad(f"JPEG: no marker at byte {pos} (junk between segments)")
-            # after a scan, junk before the next marker is skipped by libjpeg (with a warning)
+            # junk between segments: Pillow and libjpeg (with a warning) skip to the next marker
             pos = next_marker(pos)
             continue
         marker = data[pos + 1]
@@ -397,9 +430,13 @@ def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
             break
         if marker == 0xD8:
             _bad(f"JPEG: a second start-of-image marker at byte {pos}")
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+        if 0xD0 <= marker <= 0xD7 or (marker == 0x01 and seen_scan):
             pos += 2
             continue
+        if marker == 0xDA and scans_done:
+            _bad(f"JPEG: a second scan at byte {pos} in a single-scan image (libjpeg: end of image expected)")
+        if marker in (0xC8, 0xDE, 0xDF, 0x01) or 0xF0 <= marker <= 0xFD or 0x02 <= marker <= 0xBF:
+            _bad(f"JPEG: unsupported marker 0xFF{marker:02X} at byte {pos}")
         if pos + 4 > n:
             _bad(f"truncated JPEG: the file ends inside the marker at byte {pos}")
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
@@ -409,31 +446,36 @@ def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
         if end > n:
             _bad(f"truncated JPEG: the 0xFF{marker:02X} segment at byte {pos} runs past the end of the file")
         seg = data[pos + 4 : end]
-        if marker == 0xDB:  # DQT: one or more tables
+        if marker == 0xDB:  # DQT: one or more tables, exactly filling the segment
             i = 0
             while i < len(seg):
                 pq, tq = seg[i] >> 4, seg[i] & 15
-                size = 64 * (pq + 1)
-                if pq > 1 or tq > 3 or i + 1 + size > len(seg):
+                size = 128 if pq else 64  # any non-zero precision means 16-bit (libjpeg, Pillow)
+                if tq > 3 or i + 1 + size > len(seg):
                     _bad(f"JPEG: malformed quantization table segment at byte {pos}")
-                if pq == 1 and "qtable16" not in notes:
+                if pq and "qtable16" not in notes:
                     notes.append("qtable16")
                 qtables.add(tq)
                 i += 1 + size
+        elif marker == 0xC4:
+            _check_dht(seg, pos, htables)
+        elif marker == 0xDD:
+            if len(seg) != 2:
+                _bad(f"JPEG: restart interval segment at byte {pos} has length {length}, not 4")
         elif marker in _SOF_SUPPORTED or marker in _SOF_OTHER:
             if frame is not None:
                 _bad(f"JPEG: a second frame header at byte {pos}")
             if len(seg) < 6:
                 _bad(f"JPEG: frame header at byte {pos} is too short")
             precision, height, width, nf = struct.unpack(">BHHB", seg[:6])
-            if len(seg) < 6 + 3 * nf:
-                _bad(f"JPEG: frame header at byte {pos} is too short for {nf} components")
+            if len(seg) != 6 + 3 * nf:
+                _bad(f"JPEG: frame header at byte {pos} has the wrong length for {nf} components")
             if marker in _SOF_OTHER:
                 notes.append(_SOF_OTHER[marker])
                 verified = False  # decodable by some libjpeg builds: let the reference decide
-            else:
-                if marker == 0xC2:
-                    notes.append("progressive")
+            elif marker == 0xC2:
+                notes.append("progressive")
+                progressive = True
             if precision != 8 and marker in _SOF_SUPPORTED:
                 _bad(f"JPEG with {precision}-bit samples (8-bit only)")
             if nf not in (1, 3, 4):
@@ -443,34 +485,58 @@ def _probe_jpeg(data: bytes, max_pixels: int) -> ImageInfo:
                 cid, hv, tq = seg[6 + 3 * k : 9 + 3 * k]
                 if not (1 <= hv >> 4 <= 4 and 1 <= hv & 15 <= 4) or tq > 3:
                     _bad(f"JPEG: invalid sampling factors or table of component {cid}")
-                comps[cid] = tq
+                comps.setdefault(cid, (hv >> 4, hv & 15, tq))
             if height == 0:
                 _bad("JPEG with height 0 in its frame header (DNL marker: not supported)")
             _check_size("JPEG", width, height, max_pixels, JPEG_MAX_SIDE)
-            frame = (precision, height, width, comps)
+            frame = (precision, height, width, comps, nf)
         elif marker == 0xDA:  # SOS
             if frame is None:
                 _bad(f"JPEG: scan at byte {pos} before any frame header")
             ns = seg[0] if seg else 0
-            if not 1 <= ns <= 4 or len(seg) < 1 + 2 * ns + 3:
+            if not 1 <= ns <= 4 or len(seg) != 1 + 2 * ns + 3:
                 _bad(f"JPEG: malformed scan header at byte {pos}")
+            ss, se, ahal = seg[1 + 2 * ns : 4 + 2 * ns]
+            ah, al = ahal >> 4, ahal & 15
+            seen, blocks = set(), 0
             for k in range(ns):
-                cid = seg[1 + 2 * k]
-                if cid not in frame[3]:
-                    _bad(f"JPEG: scan at byte {pos} names component {cid}, which the frame lacks")
-                if frame[3][cid] not in qtables:
-                    _bad(f"JPEG: quantization table {frame[3][cid]} is used before it is defined")
+                cid, tables = seg[1 + 2 * k], seg[2 + 2 * k]
+                if cid not in frame[3] or cid in seen:
+                    _bad(f"JPEG: scan at byte {pos} names component {cid}, which the frame lacks (or twice)")
+                seen.add(cid)
+                h, v, tq = frame[3][cid]
+                blocks += h * v
+                if tq not in qtables:
+                    _bad(f"JPEG: quantization table {tq} is used before it is defined")
+                for cls, tid in ((0, tables >> 4), (1, tables & 15)):
+                    used = (cls == 0 and ss == 0 and ah == 0) or (cls == 1 and (not progressive or ss != 0))
+                    # sequential libjpeg has built-in tables 0 and 1 for files that define none
+                    if used and (tid > 3 or ((tid > 1 or progressive) and (cls, tid) not in htables)):
+                        _bad(f"JPEG: scan at byte {pos} uses Huffman table {tid}, which is not defined")
+                    if used and not htables.get((cls, tid), True):
+                        _bad(f"JPEG: scan at byte {pos} uses an invalid DC Huffman table {tid} (symbols over 15)")
+            if ns > 1 and blocks > 10:
+                _bad(f"JPEG: scan at byte {pos} has {blocks} blocks per MCU (libjpeg allows 10)")
+            if progressive and ((ss == 0 and se != 0) or (ss != 0 and (ss > se or se > 63 or ns != 1))
+                                or (ah != 0 and al != ah - 1) or al > 13):
+                _bad(f"JPEG: invalid progressive scan parameters at byte {pos} (Ss={ss} Se={se} Ah={ah} Al={al})")
             seen_scan = True
+            # libjpeg reads one interleaved scan of every component as the whole image
+            scans_done = not progressive and ns == frame[4]
             pos = next_marker(end)
             continue
-        elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
-            adobe = seg[11]
-        elif marker == 0xC8 or 0xF0 <= marker <= 0xFD or 0x02 <= marker <= 0xBF:
-            _bad(f"JPEG: unsupported marker 0xFF{marker:02X} at byte {pos}")
+        elif marker == 0xEE and seg[:5] == b"Adobe":
+            if len(seg) < 7:
+                _bad(f"JPEG: Adobe segment at byte {pos} is too short")
+            adobe = seg[11] if len(seg) >= 12 else None
+        elif marker == 0xE0 and seg[:4] == b"JFIF" and len(seg) < 7:
+            _bad(f"JPEG: JFIF segment at byte {pos} is too short")
+        elif marker == 0xE2 and seg[:12] == b"ICC_PROFILE\0" and len(seg) < 14:
+            _bad(f"JPEG: ICC profile segment at byte {pos} is too short")
         pos = end
     if frame is None:
         _bad("JPEG without a frame header")
-    nf = len(frame[3])
+    nf = frame[4]
     if nf == 4:
         notes.append("ycck" if adobe == 2 else "cmyk")
     return ImageInfo("jpeg", frame[2], frame[1], nf, 8, read_orientation(data), verified, tuple(notes))
@@ -492,6 +558,33 @@ def _png_rows(width, height, bits_per_pixel, interlaced):
         if w > 0 and h > 0:
             passes.append((h, 1 + (w * bits_per_pixel + 7) // 8))
     return passes
+
+
+_PNG_MIN_LENGTH = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"acTL": 8, b"fcTL": 26}
+_PIL_MAX_TEXT_CHUNK = 1 << 20  # Pillow's PngImagePlugin.MAX_TEXT_CHUNK
+
+
+def _check_png_ancillary(ctype: bytes, body: bytes, color: int) -> None:
+    """Ancillary chunks before IDAT that Pillow refuses (libpng ignores most of them)."""
+    name = ctype.decode("latin-1")
+    if len(body) < _PNG_MIN_LENGTH.get(ctype, 0):
+        _bad(f"PNG: {name} chunk is too short ({len(body)} bytes)")
+    if ctype == b"tRNS" and ((color == 3 and len(body) > 256) or (color == 0 and len(body) < 2) or (color == 2 and len(body) < 6)):
+        _bad(f"PNG: tRNS chunk of {len(body)} bytes does not fit colour type {color}")
+    if ctype in (b"iCCP", b"zTXt"):
+        i = body.find(b"\0")
+        if ctype == b"iCCP" and not 0 <= i < len(body) - 1:
+            _bad("PNG: malformed iCCP chunk")
+        if i >= 0 and i + 1 < len(body):
+            if body[i + 1] != 0:
+                _bad(f"PNG: unknown compression method {body[i + 1]} in the {name} chunk")
+            inflater = zlib.decompressobj()
+            try:
+                inflater.decompress(body[i + 2 :], _PIL_MAX_TEXT_CHUNK)
+            except zlib.error:
+                return  # Pillow drops a broken profile or text
+            if inflater.unconsumed_tail:
+                _bad(f"PNG: the {name} chunk inflates to over {_PIL_MAX_TEXT_CHUNK} bytes")
 
 
 def _probe_png(data: bytes, max_pixels: int) -> ImageInfo:
@@ -541,7 +634,11 @@ def _probe_png(data: bytes, max_pixels: int) -> ImageInfo:
         body = data[pos + 8 : pos + 8 + length]
         (crc,) = struct.unpack(">I", data[pos + 8 + length : end])
         if zlib.crc32(ctype + body) & 0xFFFFFFFF != crc:
-            _bad(f"PNG: CRC mismatch in the {ctype.decode('latin-1')} chunk at byte {pos} (corrupted data)")
+            # after the image data only DALI's parser reads on, and it checks structure, not CRCs
+            if not (idat_state and ctype != b"IDAT"):
+                _bad(f"PNG: CRC mismatch in the {ctype.decode('latin-1')} chunk at byte {pos} (corrupted data)")
+            if "crc-after-data" not in notes:
+                notes.append("crc-after-data")
         name = ctype.decode("latin-1")
         if ihdr is None and ctype != b"IHDR":
             _bad(f"PNG: the first chunk is {name}, not IHDR")
@@ -590,6 +687,8 @@ def _probe_png(data: bytes, max_pixels: int) -> ImageInfo:
                 idat_state = 2
             if name[0].isupper():
                 _bad(f"PNG: unknown critical chunk {name}")
+            if not idat_state:  # Pillow parses these before the image data, and refuses them
+                _check_png_ancillary(ctype, body, ihdr[3])
         pos = end
     if not idat_state:
         _bad("PNG without image data (no IDAT chunk)")
@@ -607,43 +706,13 @@ def _probe_png(data: bytes, max_pixels: int) -> ImageInfo:
 
 # other formats: header checks -------------------------------------------------------------------
 def _probe_gif(data: bytes, max_pixels: int) -> ImageInfo:
-    n = len(data)
-    if n < 13:
+    """The header only: Pillow (the only GIF decoder here) skips what it does not know between
+    blocks, so only a decode can judge the rest."""
+    if len(data) < 13:
         _bad("truncated GIF header")
-    w, h, flags = struct.unpack("<HHB", data[6:11])
+    w, h = struct.unpack("<HH", data[6:10])
     _check_size("GIF", w, h, max_pixels)
-    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    frames = 0
-
-    def sub_blocks(p):
-        while True:
-            if p >= n:
-                _bad("truncated GIF: the file ends inside a data block")
-            size = data[p]
-            p += 1 + size
-            if size == 0:
-                return p
-
-    while True:
-        if pos >= n:
-            _bad("truncated GIF: no trailer")
-        b = data[pos]
-        if b == 0x3B:
-            break
-        if b == 0x21:
-            pos = sub_blocks(pos + 2)
-        elif b == 0x2C:
-            if pos + 10 > n:
-                _bad("truncated GIF image descriptor")
-            lflags = data[pos + 9]
-            pos += 10 + (3 << ((lflags & 7) + 1) if lflags & 0x80 else 0)
-            pos = sub_blocks(pos + 1)  # LZW minimum code size, then the data
-            frames += 1
-        else:
-            _bad(f"GIF: unexpected block 0x{b:02X} at byte {pos}")
-    if frames == 0:
-        _bad("GIF without an image")
-    return ImageInfo("gif", w, h, 3, 8, 1, False, ("palette",) + (("animated",) if frames > 1 else ()))
+    return ImageInfo("gif", w, h, 3, 8, 1, False, ("palette",))
 
 
 def _probe_webp(data: bytes, max_pixels: int) -> ImageInfo:
@@ -906,7 +975,7 @@ def _check_worker_main(argv) -> None:
 
     argv: [mode, decoders, max_pixels, screen]: mode "screen" (verdict: reason, None, or "\0decode"
     when only a decode can judge the file) or "decode" (verdict: reason or None, after the screen
-    unless screen is "0", then each decoder named: "reference", "torchvision").
+    unless screen is "0", then each decoder named, in order: "reference", "torchvision").
     """
     mode, decoders, max_pixels, screen = argv[0], argv[1].split(","), int(argv[2]), argv[3] != "0"
     for line in sys.stdin:
@@ -918,10 +987,11 @@ def _check_worker_main(argv) -> None:
             else:
                 if screen:
                     probe_bytes(data, path, max_pixels)
-                if "reference" in decoders:
-                    _decode_pil(data, path, max_pixels)
-                if "torchvision" in decoders:
-                    decode_bytes_torchvision(data, path, max_pixels, screen=False)
+                for decoder in decoders:  # in the order given; the first failure is the verdict
+                    if decoder == "reference":
+                        _decode_pil(data, path, max_pixels)
+                    elif decoder == "torchvision":
+                        decode_bytes_torchvision(data, path, max_pixels, screen=False)
                 verdict = None
         except DecodeError as e:
             verdict = e.reason
