@@ -112,6 +112,17 @@ def test_cli_check_names_every_bad_file_and_never_crashes(corpus):
     assert check.read_bad_list(root / check.BAD_LIST_NAME) == set(_bad(root, cases))
 
 
+def test_screen_in_worker_processes_gives_the_same_reasons(corpus, tmp_path, monkeypatch):
+    root, cases = corpus
+    monkeypatch.setattr(check, "PROCESS_SCREEN_MIN", 1)  # big folders screen in the workers
+    stats = {}
+    found = check.check_paths(check.find_images(root), num_workers=2, stats=stats)
+    unverified = ["gif_palette.gif", "gif_truncated.gif", "webp_lossless.webp", "webp_orientation_8.webp",
+                  "bmp_rgb.bmp", "bmp_truncated.bmp", "tiff_rgb.tiff"]  # only a decode judges these
+    assert stats["screen_in_processes"] and stats["decoded"] == len(unverified)
+    _assert_reasons({str(Path(p).resolve()): r for p, r in found.items() if r is not None}, root, cases)
+
+
 def test_full_check_with_every_cpu_decoder(corpus, tmp_path):
     root, cases = corpus
     result = check.check_images(root, out=tmp_path / "bad.txt", full=True, decoders=("reference", "torchvision"), num_workers=1)
