@@ -98,7 +98,9 @@ def factorize(
     """Spatial-semantic factorization Z = softmax_r(q k^T / T) @ V with q, k L2-normalized rows.
 
     Args:
-        dense: Tensor[B, N, D], projected patch features (not normalized). Sets the compute dtype.
+        dense: Tensor[B, N, D], projected patch features (not normalized). Sets the compute dtype;
+            on the Triton path fp32 dots run on TF32 tensor cores when
+            `torch.backends.cuda.matmul.allow_tf32` is on (as torch.matmul does), IEEE otherwise.
         sparse_q: Tensor[B, r, D], projected sparse tokens, the keys (not normalized); 1 <= r <= 128.
         sparse_v: Tensor[B, r, Dv], the values (STELLAR: the raw tokens S). `sparse_q` and
             `sparse_v` are cast to `dense.dtype` (under autocast S may be fp32 while dense is bf16).
@@ -202,7 +204,10 @@ def backend_info() -> dict:
     Returns:
         {"triton_available": bool, "triton_version": str | None, "interpreter": bool,
          "cuda_available": bool, "auto_backend": "triton" | "torch" (for CUDA tensors when CUDA
-         is available, else for CPU tensors)}.
+         is available, else for CPU tensors), "fp32_dots": "tf32" | "ieee" (follows
+         torch.backends.cuda.matmul.allow_tf32), "mix_precision": {16-bit dtype: policy} (the
+         tile table's MIX, or STELLAR_FACTORIZE_MIX_PRECISION), "tiles_tuned": "k of n entries"
+         of the tile table tuned on a GPU}.
     """
     available = _triton_available()
     version = None
@@ -214,10 +219,18 @@ def backend_info() -> dict:
         except PackageNotFoundError:
             version = None
     cuda = torch.cuda.is_available()
+    from . import factorize_tiles
+
+    knob = os.environ.get("STELLAR_FACTORIZE_MIX_PRECISION", "").strip()
+    with open(factorize_tiles.__file__) as f:
+        tuned = sum(1 for line in f if line.startswith("    (") and "# tuned" in line)
     return {
         "triton_available": available,
         "triton_version": version,
         "interpreter": _interpreting(),
         "cuda_available": cuda,
         "auto_backend": "triton" if (cuda and available) else "torch",
+        "fp32_dots": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        "mix_precision": {k: knob or v for k, v in factorize_tiles.MIX.items()},
+        "tiles_tuned": f"{tuned} of {len(factorize_tiles.TILES)} entries",
     }

@@ -634,6 +634,6 @@ def factorize_backward(
         _bwd_keys_kernel[(B,)](
             sparse_q, dk_hat, inv_k, d_sparse_q,
             R, D, *sparse_q.stride(), eps,
-            BLOCK_R=block_r, BLOCK_D=_cols(64, D), **_run_options((0, 0, 4, 2)),
+            BLOCK_R=block_r, BLOCK_D=_cols(min(64, 4096 // block_r), D), **_run_options((0, 0, 4, 2)),
         )
     return d_dense, d_sparse_q, d_sparse_v

@@ -254,7 +254,10 @@ def test_auto_uses_the_reference_off_cuda():
 
 def test_backend_info():
     info = backend_info()
-    assert set(info) == {"triton_available", "triton_version", "interpreter", "cuda_available", "auto_backend"}
+    assert set(info) == {"triton_available", "triton_version", "interpreter", "cuda_available", "auto_backend",
+                         "fp32_dots", "mix_precision", "tiles_tuned"}
+    assert info["fp32_dots"] == ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    assert set(info["mix_precision"]) == {"bfloat16", "float16"} and info["tiles_tuned"].endswith("of 48 entries")
     assert info["interpreter"] == INTERPRET and info["cuda_available"] == CUDA
     assert info["auto_backend"] in ("triton", "torch")
     assert (info["triton_version"] is not None) == info["triton_available"]
