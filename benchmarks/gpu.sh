@@ -8,7 +8,8 @@
 #   1. build     wheels carried in build/wheels (torchao for train.fp8: `make gpu-wheels` on a
 #                machine with a registry), then stellar editable with its CUDA extension
 #   2. tests     the GPU tests: the step's no-sync and prefetch tests, the prototype CE, the
-#                multi-crop op, the loaders, the factorization (Triton for real: no TRITON_INTERPRET)
+#                multi-crop op, the loaders, the factorization (Triton for real: no TRITON_INTERPRET),
+#                the decoders on odd images (nvJPEG, DALI mixed, to_rgb8/apply_orientation on CUDA)
 #   3. benchmarks/gpu_factorization.sh   (its tests already ran in 2: SKIP_TESTS=1)
 #   4. benchmarks/gpu_multicrop.sh
 #   5. the prototype cross-entropy benchmark (benchmarks/bench_prototype_ce.py, where it exists)
@@ -69,7 +70,7 @@ MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install --no-build-isolation --no-deps -e 
 part build 200 "grep -m1 -E 'xformers' '$OUT/build.log'" -- env PY="$PY" bash -c "$BUILD"
 
 TESTS="tests/test_step.py tests/test_prototype_ce.py tests/test_multicrop_op.py tests/test_factorize.py \
-tests/test_factorize_compile.py tests/test_loader.py tests/test_backends.py tests/test_dali.py"
+tests/test_factorize_compile.py tests/test_loader.py tests/test_backends.py tests/test_dali.py tests/test_odd_images.py"
 existing=$(for f in $TESTS; do [ -f "$f" ] && echo "$f"; done)
 part tests 100 "grep -E '(passed|failed|error)' '$OUT/tests.log' | tail -1" -- \
   "$PY" -m pytest $existing -q -x -p no:cacheprovider -k "cuda or gpu or CUDA or GPU or triton or sync or prefetch"

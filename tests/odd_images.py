@@ -338,8 +338,11 @@ def make_corpus(root) -> list[Odd]:
 # ----------------------------------------------------------------------------------------------
 def _decode_all(mode: str, root: Path, names: list[str]) -> dict[str, np.ndarray]:
     """{name: uint8 [H, W, 3]} of the files `names` under `root`, decoded by `mode`: "reference",
-    "torchvision" (`decode_bytes_torchvision`) or "dali" / "dali16" (DALI's CPU decoder with
-    dtype UINT8 / UINT16 and adjust_orientation=False, then `to_rgb8` and our orientation)."""
+    "torchvision" (`decode_bytes_torchvision`), "dali" / "dali16" (DALI's CPU decoder with
+    dtype UINT8 / UINT16 and adjust_orientation=False, then `to_rgb8` and our orientation), or on
+    a GPU "nvjpeg" (torchvision's `decode_jpeg(device="cuda")`) / "dali_mixed" (DALI's "mixed"
+    decoder), each file alone, then `to_rgb8` and our orientation; a file the GPU decoder
+    refuses gives {"error:NAME": its message} instead."""
     from stellar.data import decode
 
     out = {}
@@ -353,6 +356,7 @@ def _decode_all(mode: str, root: Path, names: list[str]) -> dict[str, np.ndarray
         import torch
         from nvidia.dali import fn, pipeline_def, types
 
+        names = [n for n in names if not n.lower().endswith(".gif")]  # DALI has no GIF decoder
         files = [str(root / n) for n in names]
 
         @pipeline_def(batch_size=len(files), num_threads=1, device_id=None)
@@ -369,14 +373,53 @@ def _decode_all(mode: str, root: Path, names: list[str]) -> dict[str, np.ndarray
             data = (root / n).read_bytes()
             img = decode.apply_orientation(decode.to_rgb8(img, layout="HWC"), decode.read_orientation(data), layout="HWC")
             out[n] = img.numpy().copy()
+    elif mode == "nvjpeg":  # torchvision's GPU decode, file by file (a failure names its file)
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        for n in names:
+            data = (root / n).read_bytes()
+            try:
+                img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device="cuda")
+            except RuntimeError as e:
+                out[f"error:{n}"] = np.array(" ".join(str(e).split())[:300])
+                continue
+            img = decode.apply_orientation(decode.to_rgb8(img), decode.read_orientation(data))
+            out[n] = img.permute(1, 2, 0).cpu().numpy()
+    elif mode == "dali_mixed":  # DALI's GPU decoder, file by file
+        import torch
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=0, exec_dynamic=True)
+        def pipe():
+            enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(enc, device="mixed", output_type=types.RGB, adjust_orientation=False)
+
+        def build():
+            built = pipe()
+            built.build()
+            return built
+
+        p = build()
+        for n in names:
+            data = (root / n).read_bytes()
+            try:
+                (images,) = p.run(encoded=[np.frombuffer(data, np.uint8)])
+            except RuntimeError as e:
+                out[f"error:{n}"] = np.array(" ".join(str(e).split())[-300:])
+                p = build()  # a pipeline that failed is unusable
+                continue
+            img = torch.from_dlpack(images[0])
+            img = decode.apply_orientation(decode.to_rgb8(img, layout="HWC"), decode.read_orientation(data), layout="HWC")
+            out[n] = img.cpu().numpy()
     else:
-        raise ValueError(f"mode must be reference, torchvision, dali or dali16, got {mode!r}")
+        raise ValueError(f"mode must be reference, torchvision, dali, dali16, nvjpeg or dali_mixed, got {mode!r}")
     return out
 
 
 if __name__ == "__main__":
     modes, root, dest, *names = sys.argv[1:]
     arrays = {}
-    for mode in modes.split(","):
+    for mode in modes.split(","):  # a decoder's failure on a file comes back as "MODE/error:NAME"
         arrays.update({f"{mode}/{n}": a for n, a in _decode_all(mode, Path(root), names).items()})
     np.savez(dest, **arrays)

@@ -72,8 +72,12 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported inside the functions that make tensors: the check's worker processes load
 # this file alone (no torch, no stellar package: ~0.2 s to start instead of ~2 s), see the end.
@@ -264,7 +268,7 @@ def read_orientation(data) -> int:
     return 1
 
 
-def apply_orientation(img: "torch.Tensor", orientation: int, layout: str = "CHW") -> "torch.Tensor":
+def apply_orientation(img: torch.Tensor, orientation: int, layout: str = "CHW") -> torch.Tensor:
     """Turn an image as stored into the upright image its EXIF orientation describes.
 
     img: Tensor[C, H, W] (layout "CHW") or Tensor[H, W, C] ("HWC"), any dtype and device;
@@ -294,7 +298,7 @@ def apply_orientation(img: "torch.Tensor", orientation: int, layout: str = "CHW"
 # ------------------------------------------------------------------------------------------------
 # native decoder output -> the reference's 8-bit RGB
 # ------------------------------------------------------------------------------------------------
-def to_rgb8(img: "torch.Tensor", layout: str = "CHW") -> "torch.Tensor":
+def to_rgb8(img: torch.Tensor, layout: str = "CHW") -> torch.Tensor:
     """A native decoder's output as the reference's uint8 RGB, on the same device, no host sync.
 
     img: Tensor[C, H, W] ("CHW", torchvision) or Tensor[H, W, C] ("HWC", DALI), dtype uint8 or
@@ -919,7 +923,7 @@ def _decode_pil(data: bytes, name, max_pixels: int) -> np.ndarray:
     return arr
 
 
-def decode_bytes(data, name=None, max_pixels: int = MAX_PIXELS, screen: bool = True) -> "torch.Tensor":
+def decode_bytes(data, name=None, max_pixels: int = MAX_PIXELS, screen: bool = True) -> torch.Tensor:
     """THE reference decode: encoded bytes -> uint8 Tensor[3, H, W] RGB, upright.
 
     data: bytes, or a 1-D uint8 tensor / array; name: the file, for messages. The bytes pass the
@@ -936,12 +940,12 @@ def decode_bytes(data, name=None, max_pixels: int = MAX_PIXELS, screen: bool = T
     return apply_orientation(out, read_orientation(data))
 
 
-def decode_file(path, max_pixels: int = MAX_PIXELS) -> "torch.Tensor":
+def decode_file(path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """The reference decode of the file at `path` (`decode_bytes`); uint8 Tensor[3, H, W]."""
     return decode_bytes(read_bytes(path), path, max_pixels)
 
 
-def decode_bytes_torchvision(data, name=None, max_pixels: int = MAX_PIXELS, screen: bool = True) -> "torch.Tensor":
+def decode_bytes_torchvision(data, name=None, max_pixels: int = MAX_PIXELS, screen: bool = True) -> torch.Tensor:
     """torchvision's CPU decoders (libjpeg-turbo, libpng, libwebp) made to match the reference.
 
     The bytes pass the screen first (libpng crashes the process on bad PNG data; `screen=False`
