@@ -4,6 +4,7 @@ memory, tensor-core use, programs and waves, per kernel and shape. Compile-time 
     python benchmarks/kernel_report.py                     # production shapes, every Triton kernel + nvcc
     python benchmarks/kernel_report.py --set ci --strict   # what CI runs (tests/test_kernel_report.py)
     python benchmarks/kernel_report.py --json report.json  # every record as JSON ('-': stdout)
+    python benchmarks/kernel_report.py --full              # one row per launch, not per kernel and dtype
     python benchmarks/kernel_report.py --no-cuda           # skip the nvcc part (csrc/)
 
 Triton kernels: every registered entry's cases call OUR launchers on empty CPU tensors of the real
@@ -599,6 +600,29 @@ def triton_table(records: list) -> str:
     return _table(header, rows)
 
 
+def summary_table(records: list) -> str:
+    """One row per (entry, kernel, dtype) over its production cases: the worst registers, spills
+    and shared memory, every dot lowering seen, the fewest programs per SM; the non-production
+    cases (r 64 / 128, D 100) in rows of their own."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.entry, r.kernel, r.dtype, r.production), []).append(r)
+    header = ["kernel", "dtype", "cases", "regs max", "spill st/ld B max", "smem KB max", "dots",
+              "progs/SM min", "CTA/SM min", "flags"]
+    rows = []
+    for (entry, kernel, dtype, production), recs in groups.items():
+        ok = [r for r in recs if not r.error]
+        dots = sorted({k for r in ok for k in r.dots})
+        flags = sorted({f for r in recs for f in r.flags})
+        rows.append([f"{entry}.{_short(kernel)}", dtype, f"{len(recs)}" + ("" if production else " (not production)"),
+                     max((r.regs for r in ok), default=""),
+                     f"{max((r.spill_stores for r in ok), default=0)}/{max((r.spill_loads for r in ok), default=0)}",
+                     f"{max((r.shared for r in ok), default=0) / 1024:.0f}", " ".join(dots) or "-",
+                     f"{min((r.programs_per_sm for r in ok), default=0):.1f}", min((r.ctas_per_sm for r in ok), default=""),
+                     ",".join(flags) or "ok"])
+    return _table(header, rows)
+
+
 def cuda_table(records: list) -> str:
     header = ["kernel", "source", "regs", "spill st/ld B", "stack B", "smem B", "DFMA/DMUL/DADD/RCP64H", "FFMA"]
     rows = [[r["kernel"], r["source"], r["regs"], f"{r['spill_stores']}/{r['spill_loads']}", r["stack"], r["smem"],
@@ -632,6 +656,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc report of csrc/cuda")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 on a spill in a production case, a failed compile, an unlaunched kernel or too few programs")
+    ap.add_argument("--full", action="store_true", help="one row per launch (default: one per kernel and dtype)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
@@ -660,9 +685,10 @@ def main(argv=None) -> int:
                 json.dump(data, f, indent=1, default=str)
     if args.json != "-":
         print(f"Compile report ({args.set} shapes): {_versions(args.arch)}")
-        print("Compile-time figures, not timings. dots: how each tl.dot was lowered; HGMMA = wgmma, HMMA = mma.sync "
-              "(static SASS counts); progs/SM = programs / 132; CTA/SM = resident programs per SM (estimate).\n")
-        print(triton_table(records))
+        print("Compile-time figures, not timings. dots: how each tl.dot was lowered (wgmma, mma = mma.sync, fma); "
+              "HGMMA/HMMA = wgmma/mma.sync in SASS (static counts); progs/SM = programs / 132; CTA/SM = resident "
+              "programs per SM (estimate).\n")
+        print(triton_table(records) if args.full else summary_table(records))
         if cuda_records:
             print("\nCUDA kernels (nvcc --resource-usage, sm_%d):\n" % args.arch)
             print(cuda_table(cuda_records))

@@ -294,7 +294,7 @@ def test_bad_inputs_name_the_argument(make, match, gen):
         (11, -0.5, r"crops\[1, 11\] \(blur_sigma\)"),
     ],
 )
-def test_bad_rows_on_the_device_are_caught_on_the_device(col, value, match, gen):
+def test_cuda_bad_rows_on_the_device_are_caught_on_the_device(col, value, match, gen):
     """Rows already on the GPU are checked there: a clear error naming the row and column, no
     read outside the image table, and the CUDA context still works afterwards."""
     images = [im.permute(1, 2, 0).cuda() for im in _images([(10, 12)], gen)]
@@ -309,7 +309,7 @@ def test_bad_rows_on_the_device_are_caught_on_the_device(col, value, match, gen)
 
 
 @CUDA
-def test_blur_scratch_only_for_rows_that_blur(gen):
+def test_cuda_blur_scratch_only_for_rows_that_blur(gen):
     """Device rows without blur allocate no K x 3 x S x S float scratch (the output only)."""
     sizes = [(120, 150)]
     images = [im.permute(1, 2, 0).cuda() for im in _images(sizes, gen)]
