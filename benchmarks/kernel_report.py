@@ -662,6 +662,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     sys.path.insert(0, ROOT)
+    if _cuda_home():  # before anything imports torch.utils.cpp_extension, which reads it once
+        os.environ.setdefault("CUDA_HOME", _cuda_home())
     entries = [e for e in ENTRIES if args.entry is None or e.name in args.entry]
     records, problems = run_triton(entries, args.set, args.arch, args.verbose, args.jobs)
     cuda_records = []
