@@ -119,7 +119,8 @@ def masked_images(root: str | os.PathLike | None = None, split: str | None = "va
         folder = root / split if split else root
         if not (root / "masks").is_dir() or not folder.is_dir():
             raise ValueError(f"--data {root} is not in the shapes layout (ROOT/{split}/<class>/x.jpg with "
-                             f"ROOT/masks/{split}/<class>/x.png): give the masks folder with --masks")
+                             f"ROOT/masks/{split}/<class>/x.png); `stellar eval localize` also takes any "
+                             f"folder of images with --masks MDIR")
         paths, _, _ = list_images(folder, IMAGE_EXTS)
         pairs = [(p, mask_path(p)) for p in paths]
         meta = root / "meta.json"                   # the mask values' names: classes[k] is value k + 1
