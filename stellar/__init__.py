@@ -36,7 +36,13 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             exec_torch(module)
-            _register_ops()
+            try:
+                _register_ops()
+            except Exception as exc:  # never break `import torch`; say why the ops are missing
+                import warnings
+
+                warnings.warn(f"stellar: torch.ops.stellar.* not registered ({type(exc).__name__}: {exc}); "
+                              "import stellar.kernels / stellar.ops to see the error", RuntimeWarning, stacklevel=2)
 
         spec.loader.exec_module = exec_module
         return spec
