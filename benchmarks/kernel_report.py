@@ -481,7 +481,9 @@ def _cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    return next((h for h in candidates if os.path.isfile(os.path.join(h, "bin", "nvcc"))), None)
+    # as setup.py: a toolkit has bin/nvcc and include/cuda_runtime.h (not a wrapper in /usr/local/bin)
+    return next((h for h in candidates if os.path.isfile(os.path.join(h, "bin", "nvcc"))
+                 and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))), None)
 
 
 def nvcc_command(source: str, out: str, arch: int, cuda_home: str) -> list:
