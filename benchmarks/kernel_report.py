@@ -47,7 +47,10 @@ import tempfile
 import time
 from typing import Callable
 
-if os.environ.pop("TRITON_INTERPRET", None) not in (None, "0"):  # before triton is imported
+# Run as a script, the report compiles real kernels: TRITON_INTERPRET must go before triton is
+# imported. Imported as a module (the tests read its parsers and registry), it leaves the
+# environment alone: the importing process may be running kernels in the interpreter.
+if __name__ == "__main__" and os.environ.pop("TRITON_INTERPRET", None) not in (None, "0"):
     print("kernel_report: TRITON_INTERPRET removed for this process (it compiles real kernels)", file=sys.stderr)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
