@@ -10,9 +10,21 @@ each with a plain PyTorch twin).
 `reference.factorize` and `reference.prototype_cross_entropy` are the plain PyTorch twins;
 `backend_info()` says which path "auto" takes.
 """
-from . import reference
-from .factorization import backend_info, factorize
-from .prototype_ce import prototype_cross_entropy
-from .reference import factorize as factorize_reference
+if __name__ == "stellar.kernels":
+    from . import reference
+    from .factorization import backend_info, factorize
+    from .prototype_ce import prototype_cross_entropy
+    from .reference import factorize as factorize_reference
 
-__all__ = ["backend_info", "factorize", "factorize_reference", "prototype_cross_entropy", "reference"]
+    __all__ = ["backend_info", "factorize", "factorize_reference", "prototype_cross_entropy", "reference"]
+else:
+    # This folder is the source of `stellar.kernels`. Found as a top-level `kernels` (Python run
+    # from the repository root puts it on sys.path), it must stay inert: `import transformers`
+    # imports a top-level `kernels` (the Hub kernels package) to read its version, and a second
+    # copy of our modules would register the `stellar::` custom ops again, from other module
+    # objects. So it defines nothing and says where the real package is.
+    __all__: list = []
+
+    def __getattr__(name: str):
+        raise AttributeError(f"{__file__} is the source folder of stellar.kernels, imported here as a top-level "
+                             f"`kernels` (run from the repository root?): use `stellar.kernels.{name}`")

@@ -7,8 +7,13 @@ must be set before any kernel module is imported, which is why it lives in conft
 import os
 import zlib
 
-import pytest
-import torch
+# Triton's interpreter runs tl.dot through NumPy: on a small shared CI machine OpenBLAS's thread
+# pool spins against the other test processes (measured: one prototype-CE case 22 s -> 8 s of CPU
+# with one thread). Set before NumPy/torch are first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -96,3 +96,30 @@ def test_import_stellar_makes_torch_ops_stellar_available(order):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def test_the_kernels_folder_is_inert_as_a_top_level_package():
+    """Run from the repository root, `import kernels` finds our kernels/ source folder (transformers
+    does that import to read the Hub kernels package's version). It must define and register
+    nothing, so stellar.kernels keeps the only copy of the custom ops; before the guard, the
+    second copy re-registered stellar::prototype_ce_fwd from other module objects and broke
+    every later prototype-CE call of the process."""
+    import pathlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kernels\n"
+        "assert kernels.__all__ == [] and not hasattr(kernels, 'factorize'), dir(kernels)\n"
+        "import stellar.kernels as sk\n"
+        "assert [m for m in sys.modules if m.startswith('kernels.')] == [], sorted(sys.modules)\n"
+        "assert sk.prototype_cross_entropy.__module__ == 'stellar.kernels.prototype_ce'\n"
+        "try:\n"
+        "    kernels.factorize\n"
+        "except AttributeError as e:\n"
+        "    assert 'stellar.kernels.factorize' in str(e), e\n"
+        "print('ok')\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
