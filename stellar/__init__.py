@@ -9,7 +9,6 @@ raised, with how to rebuild, when the op is used through `stellar.ops.multicrop`
 `stellar._ext.load()`.
 """
 import importlib.abc
-import importlib.util
 import sys
 
 __version__ = "0.1.0"
@@ -22,29 +21,56 @@ def _register_ops() -> None:
     ops.load_if_built()
 
 
+def _register_after_torch() -> None:
+    """_register_ops() once torch has been imported; a failure warns, never breaks `import torch`."""
+    try:
+        _register_ops()
+    except Exception as exc:
+        message = (f"stellar: torch.ops.stellar.* not registered ({type(exc).__name__}: {exc}); "
+                   "import stellar.kernels / stellar.ops to see the error")
+        import warnings
+
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        except Exception:  # warnings turned into errors (-W error): torch's import must still succeed
+            print(f"RuntimeWarning: {message}", file=sys.stderr)
+
+
 class _AfterTorchImport(importlib.abc.MetaPathFinder):
-    """Calls _register_ops once `import torch` has finished (only when stellar came first)."""
+    """Registers the ops once `import torch` has executed torch (only when stellar came first).
+
+    Any other name costs one comparison. For "torch" it takes the spec from the finders after it
+    and wraps that spec's loader, so the registration follows the execution of torch itself: a
+    probe that executes nothing (`importlib.util.find_spec("torch")`, as libraries check whether
+    torch is installed) leaves the hook armed. It leaves `sys.meta_path` once torch has run.
+    """
 
     def find_spec(self, name, path=None, target=None):
-        if name != "torch":
+        if name != "torch" or self not in sys.meta_path:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        spec = None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        loader = getattr(spec, "loader", None)
+        run = getattr(loader, "exec_module", None)
+        if run is None or getattr(run, "_stellar_hook", False):
             return spec
-        exec_torch = spec.loader.exec_module
 
         def exec_module(module):
-            exec_torch(module)
+            run(module)
+            if module.__name__ != "torch":      # a loader object that other modules share
+                return
             try:
-                _register_ops()
-            except Exception as exc:  # never break `import torch`; say why the ops are missing
-                import warnings
+                sys.meta_path.remove(self)
+            except ValueError:                  # torch executed twice (a reload): registered already
+                return
+            _register_after_torch()
 
-                warnings.warn(f"stellar: torch.ops.stellar.* not registered ({type(exc).__name__}: {exc}); "
-                              "import stellar.kernels / stellar.ops to see the error", RuntimeWarning, stacklevel=2)
-
-        spec.loader.exec_module = exec_module
+        exec_module._stellar_hook = True
+        loader.exec_module = exec_module
         return spec
 
 

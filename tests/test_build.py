@@ -98,6 +98,33 @@ def test_import_stellar_makes_torch_ops_stellar_available(order):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
 
+def test_the_import_hook_survives_a_probe_and_never_breaks_torch():
+    """`importlib.util.find_spec("torch")` before `import torch` (how libraries check that torch is
+    installed) leaves the hook armed: the ops are still registered when torch is imported. A
+    registration that fails, with warnings as errors, still lets torch import and says why."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = ("import importlib.util, stellar\n"
+             "assert importlib.util.find_spec('torch') is not None\n"
+             "import torch\n"
+             "torch.ops.stellar.factorize_fwd\n"
+             "print('ok')\n")
+    failing = ("import sys, stellar\n"
+               "def boom():\n"
+               "    raise RuntimeError('simulated')\n"
+               "stellar._register_ops = boom\n"
+               "import torch\n"
+               "assert 'torch' in sys.modules and torch.ones(1).item() == 1.0\n"
+               "print('ok')\n")
+    for code, flags in ((probe, []), (failing, ["-W", "error"])):
+        run = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    assert "not registered (RuntimeError: simulated)" in run.stderr, run.stderr
+
+
 def test_the_kernels_folder_is_inert_as_a_top_level_package():
     """Run from the repository root, `import kernels` finds our kernels/ source folder (transformers
     does that import to read the Hub kernels package's version). It must define and register
