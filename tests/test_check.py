@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stellar.data import check
+from stellar.data import check, decode
 
 
 def _noise(rng, h, w, channels=3):
@@ -91,12 +91,12 @@ def test_check_rejects_a_missing_folder(tmp_path):
         check.check_images(tmp_path / "missing")
 
 
-def test_decode_rgb_gives_three_channels(tmp_path):
+def test_torchvision_decode_gives_three_channels(tmp_path):
     good, _ = make_image_folder(tmp_path, bad=False)
     from torchvision.io import read_file
 
     for p in good:
-        img = check.decode_rgb(read_file(p))
+        img = decode.decode_bytes_torchvision(read_file(p))
         ref = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
         assert img.dtype == torch.uint8 and img.shape == ref.shape
         assert torch.equal(img, ref), p

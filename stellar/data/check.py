@@ -43,11 +43,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from stellar.data import decode as _decode
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
 BAD_LIST_NAME = ".stellar_bad_files.txt"
 DECODERS = ("reference", "torchvision")
 # Below this many files the screen runs in threads of this process: on the 2-core dev machine
@@ -58,7 +55,8 @@ DEFAULT_TIMEOUT = 120.0  # seconds one file may take in a worker
 
 
 def find_images(root) -> list[Path]:
-    """Every image file under `root` (by extension, case-insensitive), sorted; hidden entries skipped."""
+    """Every image file under `root` (by extension, `decode.IMAGE_EXTS`, case-insensitive), sorted;
+    hidden entries skipped."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"root must be a folder of images, got {str(root)!r}")
@@ -66,19 +64,9 @@ def find_images(root) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if not name.startswith(".") and name.lower().endswith(_decode.IMAGE_EXTS):
                 found.append(Path(dirpath) / name)
     return sorted(found)
-
-
-def decode_rgb(data: torch.Tensor) -> torch.Tensor:
-    """Decode encoded image bytes to RGB on the CPU: `stellar.data.decode.decode_bytes_torchvision`.
-
-    data: uint8 Tensor[n] (a file's bytes). Returns uint8 Tensor[3, H, W] RGB, upright, as the
-    reference decode gives it (16-bit -> 8-bit, every mode -> RGB, EXIF orientation); the bytes
-    are screened before libpng sees them. Raises DecodeError on an undecodable image.
-    """
-    return _decode.decode_bytes_torchvision(data)
 
 
 # ------------------------------------------------------------------------------------------------

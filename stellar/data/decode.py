@@ -109,6 +109,7 @@ __all__ = [
     "probe_bytes",
     "screen_bytes",
     "screen_file",
+    "IMAGE_EXTS",
     "read_bytes",
 ]
 
@@ -117,6 +118,9 @@ PNG_MAX_SIDE = 1_000_000  # libpng's default user limit on width and height
 JPEG_MAX_SIDE = 65_500  # libjpeg's JPEG_MAX_DIMENSION
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The file names the listers take (`stellar.data.folder.list_images`, `stellar.data.check.find_images`):
+# the formats `probe_bytes` knows.
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
 
 
 class DecodeError(OSError):

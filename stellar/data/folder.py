@@ -19,7 +19,7 @@ import torch
 
 from stellar.data import decode as _decode
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+IMAGE_EXTS = _decode.IMAGE_EXTS  # the formats the decoders know
 
 
 def decode_image(path: Union[str, Path]) -> torch.Tensor:
