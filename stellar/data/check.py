@@ -80,15 +80,6 @@ def _validate_decoders(decoders) -> tuple:
     return decoders
 
 
-def _screen(path, max_pixels: int):
-    """(needs decoding?, reason or None) for one file; the screen only: never crashes."""
-    try:
-        info = _decode.probe_bytes(_decode.read_bytes(path), path, max_pixels)
-    except _decode.DecodeError as e:
-        return False, e.reason
-    return not info.verified, None
-
-
 def check_file(path, full: bool = False, decoders=("reference",), max_pixels: int = _decode.MAX_PIXELS) -> str | None:
     """Why `path` cannot be decoded, or None when it is fine (the module docstring's steps; a
     decode runs in a worker process, started for this call)."""
@@ -161,7 +152,8 @@ class _Worker:
 
 
 class _GuardedPool:
-    """Runs `_decode_one` / the screen for many files in worker processes that may die.
+    """Runs `decode._check_worker_main` (the screen, or the decoders) for many files in worker processes
+    that may die.
 
     Each worker takes up to `depth` files at a time; when it dies (a decoder crashed) or is killed
     (a file took over `timeout` s), the file at the head of its queue gets the reason, the others
@@ -303,18 +295,14 @@ def check_paths(
             stats["screen_in_processes"] = True
             pool = _GuardedPool(workers, ["screen", *worker_args], timeout, depth=16)
             raw = pool.run(paths, progress)
-            screened = [(r == "\0decode", None if r == "\0decode" else r) for r in (raw[i] for i in range(len(paths)))]
+            verdicts = [raw[i] for i in range(len(paths))]
         else:
             with ThreadPoolExecutor(max_workers=min(8, 2 * workers)) as threads:  # mostly file reads and zlib
-                screened = list(threads.map(lambda p: _screen(p, max_pixels), paths))
+                verdicts = list(threads.map(lambda p: _decode.screen_verdict(p, max_pixels), paths))
             if progress is not None:
                 progress(len(paths), len(paths))
-        to_decode = []
-        for p, (needs_decode, reason) in zip(paths, screened):
-            if needs_decode:
-                to_decode.append(p)
-            else:
-                reasons[p] = reason
+        to_decode = [p for p, v in zip(paths, verdicts) if v == _decode.NEEDS_DECODE]
+        reasons.update((p, v) for p, v in zip(paths, verdicts) if v != _decode.NEEDS_DECODE)
     if to_decode:
         stats["decoded"] = len(to_decode)
         pool = _GuardedPool(min(workers, len(to_decode)), ["decode", *worker_args], timeout)

@@ -4,7 +4,7 @@ The reference decode (`decode_bytes`, `decode_file`) is Pillow. Every other deco
 libjpeg-turbo / libpng on the CPU, nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`,
 DALI's `fn.decoders.image`) must give what it gives, and does so through three helpers:
 `to_rgb8` (dtype and channels), `read_orientation` + `apply_orientation` (EXIF), and the screen
-(`probe_bytes` / `screen_bytes` / `screen_file`) that keeps bytes a native decoder would crash on
+(`probe_bytes` / `screen_verdict` / `screen_file`) that keeps bytes a native decoder would crash on
 away from it.
 
 What the reference returns, for every file it accepts: uint8 `Tensor[3, H, W]`, RGB, upright.
@@ -107,8 +107,9 @@ __all__ = [
     "read_orientation",
     "apply_orientation",
     "probe_bytes",
-    "screen_bytes",
     "screen_file",
+    "screen_verdict",
+    "NEEDS_DECODE",
     "IMAGE_EXTS",
     "read_bytes",
 ]
@@ -121,6 +122,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The file names the listers take (`stellar.data.folder.list_images`, `stellar.data.check.find_images`):
 # the formats `probe_bytes` knows.
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+NEEDS_DECODE = "\0decode"  # `screen_verdict` of a file whose container passes but that only a decode can judge
 
 
 class DecodeError(OSError):
@@ -877,22 +879,20 @@ def probe_bytes(data, name=None, max_pixels: int = MAX_PIXELS) -> ImageInfo:
         raise DecodeError(name, f"malformed or truncated header ({type(e).__name__}: {e})") from None
 
 
-def screen_bytes(data, name=None, max_pixels: int = MAX_PIXELS) -> str | None:
-    """Why the screen refuses these bytes (one line), or None when they pass."""
+def screen_verdict(path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """The screen on the file at `path`: why it is refused (one line), None when it passes checked
+    end to end (`ImageInfo.verified`), or NEEDS_DECODE when only a decode can judge it."""
     try:
-        probe_bytes(data, name, max_pixels)
+        info = probe_bytes(read_bytes(path), path, max_pixels)
     except DecodeError as e:
         return e.reason
-    return None
+    return None if info.verified else NEEDS_DECODE
 
 
 def screen_file(path, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why the screen refuses the file at `path` (one line), or None when it passes."""
-    try:
-        probe_bytes(read_bytes(path), path, max_pixels)
-    except DecodeError as e:
-        return e.reason
-    return None
+    verdict = screen_verdict(path, max_pixels)
+    return None if verdict == NEEDS_DECODE else verdict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -995,18 +995,18 @@ def decode_bytes_torchvision(data, name=None, max_pixels: int = MAX_PIXELS, scre
 def _check_worker_main(argv) -> None:
     """Read [index, path] JSON lines on stdin, write [index, verdict] lines on stdout.
 
-    argv: [mode, decoders, max_pixels, screen]: mode "screen" (verdict: reason, None, or "\0decode"
-    when only a decode can judge the file) or "decode" (verdict: reason or None, after the screen
-    unless screen is "0", then each decoder named, in order: "reference", "torchvision").
+    argv: [mode, decoders, max_pixels, screen]: mode "screen" (verdict: `screen_verdict`) or
+    "decode" (verdict: reason or None, after the screen unless screen is "0", then each decoder
+    named, in order: "reference", "torchvision").
     """
     mode, decoders, max_pixels, screen = argv[0], argv[1].split(","), int(argv[2]), argv[3] != "0"
     for line in sys.stdin:
         index, path = json.loads(line)
         try:
-            data = read_bytes(path)
             if mode == "screen":
-                verdict = None if probe_bytes(data, path, max_pixels).verified else "\0decode"
+                verdict = screen_verdict(path, max_pixels)
             else:
+                data = read_bytes(path)
                 if screen:
                     probe_bytes(data, path, max_pixels)
                 for decoder in decoders:  # in the order given; the first failure is the verdict
