@@ -118,27 +118,34 @@ def test_cache_is_reused_invalidated_and_resumed(tmp_path):
         FeatureCache.for_model(cache_dir, model, [(torch.zeros(3, 4, 4), 0)], settings)
 
 
-def _rank_main(rank, world, init_file, data_root, cache_dir, out_dir):
+def _rank_main(rank, world, port, data_root, cache_dir, out_dir):
+    """One rank of a torchrun-like launch: the eval commands' process group, then extraction."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from stellar.eval.features import eval_process_group
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with eval_process_group(torch.device("cpu"), timeout_s=60):
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == world
         ds = ImageFolderDataset(data_root)
         model = tiny_model()
         cache = FeatureCache.for_model(cache_dir, model, ds, {"kinds": ["pooled", "L"]})
         counting = Counting(model)
         feats = extract(counting, ds, ("pooled", "L"), 16, batch_size=2, chunk_size=3, cache=cache, progress=False)
-        torch.save({"images": counting.images, "feats": feats}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    assert not dist.is_initialized()
+    torch.save({"images": counting.images, "feats": feats}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_ranks_split_the_work_and_rank0_gets_everything(tmp_path):
-    import torch.multiprocessing as mp
+    import socket
 
     ds = make_folder(tmp_path / "data")
-    torch.multiprocessing.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "data"),
-                                                  str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_main, args=(2, port, str(tmp_path / "data"), str(tmp_path / "cache"),
+                                                  str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r1["feats"] is None
     assert (r0["images"], r1["images"]) == (6, 4)        # chunks 0, 2 (3 + 3) and 1, 3 (3 + 1)
@@ -146,4 +153,3 @@ def test_two_ranks_split_the_work_and_rank0_gets_everything(tmp_path):
     torch.testing.assert_close(r0["feats"]["pooled"], out["sparse"].mean(1))
     torch.testing.assert_close(r0["feats"]["L"], out["L"])
     assert r0["feats"]["label"].tolist() == labels.tolist()
-    assert mp is not None

@@ -31,6 +31,8 @@ again.
 Under torchrun (``torch.distributed`` initialized) chunk c is extracted by rank c % world size;
 the chunks are then gathered on rank 0 through ``gather_object`` (one chunk per rank at a time,
 so no shared file system is assumed) and rank 0 alone returns the features (the others None).
+The eval commands start the process group the way training does (``eval_process_group``:
+``stellar.train.distributed.process_group``, with its timeout and heartbeat).
 """
 from __future__ import annotations
 
@@ -47,58 +49,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from stellar.train import distributed
+
 KINDS = ("pooled", "cls", "sparse", "L", "Z", "dense")
 CACHE_VERSION = 1          # bump when what a key's features mean changes
 FINAL = "features.safetensors"
 META = "meta.json"
 
 
-# --------------------------------------------------------------------------- distributed helpers
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def rank_and_world() -> tuple[int, int]:
-    dist = _dist()
-    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-
-
-def _broadcast(value: Any) -> Any:
-    dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        dist.barrier()
-
+# --------------------------------------------------------------------------- distributed
 
 @contextlib.contextmanager
-def eval_process_group(device: torch.device) -> Iterator[None]:
-    """torchrun's process group (nccl on CUDA, gloo on the CPU) for the duration of an eval command.
+def eval_process_group(device: torch.device, timeout_s: float | None = None) -> Iterator[None]:
+    """torchrun's process group for the duration of an eval command: ``distributed.process_group``
+    (nccl on CUDA, gloo on the CPU; the heartbeat that names a lost rank), as training starts it.
 
-    Does nothing without torchrun's environment, or when a group already exists.
+    timeout_s: bounds every collective (default: ``train.dist_timeout_s`` of the defaults file).
+    Does nothing without torchrun's environment, or when a group already exists. Ranks leave the
+    group together, at a barrier: rank 0 alone finishes some commands (the kNN vote, the linear
+    probe) while the others wait there, their heartbeats going (a rank that left would be reported
+    lost); that rank-0 tail must fit in ``timeout_s``, as every collective.
     """
-    import torch.distributed as dist
+    if timeout_s is None:
+        from stellar.train.config import DEFAULTS_PATH, read_yaml
 
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or _dist() is not None:
+        timeout_s = read_yaml(DEFAULTS_PATH)["train"]["dist_timeout_s"]
+    if device.type == "cuda" and distributed.launched_by_torchrun():
+        torch.cuda.set_device(device)           # object collectives (gather_object) use the current device
+    with distributed.process_group(device, timeout_s) as started:
         yield
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+        if started:
+            distributed.barrier()
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -287,13 +268,13 @@ def extract(model: torch.nn.Module, dataset, kinds: Sequence[str] = ("pooled",),
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     device = resolve_device(device)
-    rank, world = rank_and_world()
+    rank, world = distributed.rank(), distributed.world_size()
     total = len(dataset)
     if total == 0:
         raise ValueError("the dataset is empty")
     desc = progress if isinstance(progress, str) else "features"
 
-    if cache is not None and _broadcast(cache.has_final() if rank == 0 else None):
+    if cache is not None and distributed.broadcast_from_main(cache.has_final() if rank == 0 else None):
         if rank == 0 and progress:
             print(f"{desc}: {total} images from the cache {cache.final_path}", flush=True)
         return cache.load_final() if rank == 0 else None
@@ -307,14 +288,14 @@ def extract(model: torch.nn.Module, dataset, kinds: Sequence[str] = ("pooled",),
         held = _extract_chunks(model, dataset, todo, kinds, image_size, batch_size, device, num_workers, amp,
                                store_dtype, cache, chunk_size, total, bool(progress) and rank == 0, desc,
                                resumed=len(done))
-    chunks = _gather_chunks(mine, held, cache, num_chunks, rank, world)
+    chunks = _gather_chunks(held, cache, num_chunks, rank, world)
     if rank != 0:
-        _barrier()
+        distributed.barrier()
         return None
     out = {k: torch.cat([chunks[c][k] for c in range(num_chunks)]) for k in chunks[0]}
     if cache is not None:
         cache.save_final(out, num_chunks)
-    _barrier()
+    distributed.barrier()
     return out
 
 
@@ -371,25 +352,19 @@ def _extract_chunks(model, dataset, todo, kinds, image_size, batch_size, device,
     return held
 
 
-def _gather_chunks(mine, held, cache, num_chunks, rank, world) -> dict[int, dict[str, Tensor]]:
+def _gather_chunks(held, cache, num_chunks, rank, world) -> dict[int, dict[str, Tensor]]:
     """All chunks on rank 0 (``{c: tensors}``), from this process or, one round at a time, from the others."""
     def local(c):
         return held[c] if c in held else cache.load_chunk(c)
 
     if world == 1:
         return {c: local(c) for c in range(num_chunks)}
-    dist = _dist()
     chunks: dict[int, dict[str, Tensor]] = {}
-    rounds = -(-num_chunks // world)
-    for k in range(rounds):
+    for k in range(-(-num_chunks // world)):           # one chunk per rank and round
         c = k * world + rank
-        item = (c, local(c)) if c < num_chunks else None
-        got = [None] * world if rank == 0 else None
-        dist.gather_object(item, got, dst=0)
+        got = distributed.gather_to_main((c, local(c)) if c < num_chunks else None)
         if rank == 0:
-            for entry in got:
-                if entry is not None:
-                    chunks[entry[0]] = entry[1]
+            chunks.update(entry for entry in got if entry is not None)
     return chunks
 
 

@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .features import EvalImages, _autocast, _dist, rank_and_world, resolve_device
+from stellar.train import distributed
+
+from .features import EvalImages, _autocast, resolve_device
 
 LPIPS_NETS = ("alex", "vgg")
 
@@ -171,7 +173,7 @@ def evaluate_recon(model: torch.nn.Module, dataset, image_size: int, batch_size:
     from tqdm import tqdm
 
     device = resolve_device(device)
-    rank, world = rank_and_world()
+    rank, world = distributed.rank(), distributed.world_size()
     # Build every metric first: a wrong weight file fails before any image is encoded.
     lp = build_lpips(lpips_weights, lpips_net).to(device) if lpips_weights is not None else None
     fid = build_fid(inception_weights, fid_features).to(device) if inception_weights is not None else None
@@ -205,10 +207,9 @@ def evaluate_recon(model: torch.nn.Module, dataset, image_size: int, batch_size:
         bar.close()
         model.train(was_training)
     flag = torch.tensor([float(psnr_inf)], dtype=torch.float64)
-    dist = _dist()
-    if dist is not None and world > 1:
+    if world > 1:
         both = torch.cat([sums, flag]).to(device)
-        dist.all_reduce(both)
+        torch.distributed.all_reduce(both)
         sums, flag = both[:4].cpu(), both[4:].cpu()
     rfid = float(fid.compute()) if fid is not None else None     # syncs the statistics over ranks
     if rank != 0:
