@@ -1,4 +1,5 @@
-"""The pretraining loop: one step is ``forward_losses`` -> ``check_finite`` -> ``backward_and_update``.
+"""The pretraining loop: one step is ``forward_losses`` -> ``update_without_sync`` (``train.sync_free``;
+the losses are read every ``log.every`` steps) or ``forward_losses`` -> ``check_finite`` -> ``update_with_sync``.
 
     result = pretrain(load_config("configs/tiny.yaml"), "runs/tiny")
     result = pretrain(None, "runs/tiny", resume=True)       # continues exactly where it stopped
@@ -40,7 +41,7 @@ from .config import DEFAULTS_PATH, ConfigError, merge, read_yaml, save_config
 from .lock import RunLock
 from .schedule import CosineSchedule
 from .step import (LossTracker, Prefetcher, StepOptions, convert_fp8, first_non_finite, non_finite_message,
-                   prepare_model, update_without_sync)
+                   prepare_model, update_with_sync, update_without_sync)
 
 METRICS = "metrics.csv"
 CONFIG = "config.yaml"
@@ -196,10 +197,6 @@ def next_batch(batches: Iterator[dict]) -> dict:
         return next(batches)
 
 
-def to_device(batch: Mapping, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # --------------------------------------------------------------------------- the step
 
 def forward_losses(model: torch.nn.Module, batch: Mapping, amp_dtype: torch.dtype | None) -> dict:
@@ -226,27 +223,8 @@ def loss_values(out: Mapping) -> dict[str, float]:
 
 def check_finite(step: int, values: Mapping[str, float], last_checkpoint: Path | None) -> None:
     """Raise ``NonFiniteLossError`` naming the step and every loss if the total is not finite."""
-    if math.isfinite(values["loss"]):
-        return
-    parts = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-    where = (f"the last good checkpoint is {last_checkpoint} (resume with: stellar pretrain --resume "
-             f"{last_checkpoint.parent.parent})" if last_checkpoint else "no checkpoint was written before it")
-    raise NonFiniteLossError(f"non-finite loss at step {step}: {parts}. Stopped before updating the "
-                             f"weights; {where}.")
-
-
-def backward_and_update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        grad_clip: float | None) -> float:
-    """Backward, clip the global gradient norm, AdamW step. Returns the pre-clip norm (a tensor on device)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.zeros(())
-    optimizer.step()
-    return norm
+    if not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(non_finite_message(step, values, last_checkpoint))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -515,7 +493,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     out = forward_losses(model, batch, amp_dtype)
     values = loss_values(out)
     check_finite(step, values, last_checkpoint)
-    backward_and_update(out["loss"], model, optimizer, grad_clip)
+    update_with_sync(out["loss"], optimizer, grad_clip)
     return values
 
 
