@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stellar.model import LOSS_NAMES, build_model
 from stellar.model.masking import sample_keep_indices
-from stellar.train.step import (LossTracker, Prefetcher, StepOptions, build_optimizer, convert_fp8,
-                                first_non_finite, fp8_modules, non_finite_message, prepare_model,
+from stellar.train.step import (HOST_KEYS, LossTracker, Prefetcher, StepOptions, build_optimizer, convert_fp8,
+                                first_non_finite, fp8_modules, non_finite_message, prepare_model, to_device,
                                 update_with_sync, update_without_sync)
 from stellar.train.trainer import forward_losses
 
@@ -223,6 +223,18 @@ def test_prefetcher_off_the_gpu_fetches_in_place():
         Prefetcher(fetch, torch.device("cpu"), enabled=True)
 
 
+def test_to_device_moves_the_views_and_leaves_the_rest_on_the_host(gen):
+    """The step computes on the views; `keep` (range-checked by the model on the host, copied by it
+    without blocking), `crops`, `index` and `label` stay where the loader put them."""
+    batch = {**_batch(gen), "crops": torch.rand(12, 12), "index": torch.arange(2), "label": torch.arange(2),
+             "name": "not a tensor"}
+    out = to_device(batch, torch.device("meta"))
+    assert {k for k, v in out.items() if torch.is_tensor(v) and v.is_meta} == {"image", "global_views", "local_views"}
+    assert all(out[k] is batch[k] for k in HOST_KEYS) and out["name"] == "not a tensor"
+    fed = Prefetcher(lambda: batch, torch.device("meta")).next()             # the trainer's feed
+    assert fed["keep"] is batch["keep"] and fed["image"].is_meta
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefetcher_on_a_side_stream_keeps_the_loader_position():
     pos = {"n": 0}
@@ -248,7 +260,7 @@ def test_fast_steps_run_under_sync_debug_error_mode():
     model = _model().to(device)
     opts = StepOptions.from_config({}, device)
     opt = build_optimizer(model, TRAIN, opts)
-    batches = [{k: v.to(device) for k, v in _batch(gen).items()} for _ in range(4)]
+    batches = [to_device(_batch(gen), device) for _ in range(4)]      # as the trainer hands them over: keep on the host
     tracker = LossTracker(LOSS_NAMES, 3, device)
     out = forward_losses(model, batches[0], torch.bfloat16)      # warm-up (lazy inits may sync)
     update_without_sync(out["loss"], opt, 1.0)

@@ -37,8 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["StepOptions", "prepare_model", "build_optimizer", "update_with_sync",
-           "update_without_sync", "LossTracker", "Prefetcher", "fp8_modules", "convert_fp8",
-           "non_finite_message", "STEP_KEYS"]
+           "update_without_sync", "LossTracker", "Prefetcher", "to_device", "HOST_KEYS", "fp8_modules",
+           "convert_fp8", "non_finite_message", "STEP_KEYS"]
 
 # train.* keys of this module, with their defaults (stellar/train/defaults.yaml lists the same).
 STEP_KEYS = {"compile": False, "compile_backend": "inductor", "cuda_graphs": False, "sync_free": True,
@@ -306,9 +306,21 @@ def non_finite_message(step: int, values: Mapping[str, float], last_checkpoint, 
 
 # --------------------------------------------------------------------------- input
 
+# Batch keys that stay where the loader put them (the host): the step does not compute on them.
+# `keep` is range-checked by the model on the host and copied by it without blocking (the
+# loaders pin it on a GPU); `crops`, `index` and `label` are not read by the step.
+HOST_KEYS = frozenset({"keep", "crops", "index", "label"})
+
+
+def to_device(batch: Mapping, device: torch.device) -> dict:
+    """The batch with its tensors on ``device`` (non_blocking), except HOST_KEYS."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v
+            for k, v in batch.items()}
+
+
 class Prefetcher:
-    """Batches on ``device``; with ``enabled`` (CUDA) the next batch is fetched and copied on a side
-    stream while the current step runs.
+    """Batches on ``device`` (``to_device``); with ``enabled`` (CUDA) the next batch is fetched and
+    copied on a side stream while the current step runs.
 
     fetch(): the next host (or device) batch dict. state(): the loader's position *before* a
     fetch, so that ``state()`` of the prefetcher is the position after the batches handed out
@@ -324,17 +336,14 @@ class Prefetcher:
         self._next: dict | None = None
         self._next_state = None
 
-    def _to_device(self, batch: Mapping) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     def _load(self) -> None:
         self._next_state = self._state_fn() if self._state_fn is not None else None
         with torch.cuda.stream(self.stream):
-            self._next = self._to_device(self.fetch())
+            self._next = to_device(self.fetch(), self.device)
 
     def next(self) -> dict:
         if not self.enabled:
-            return self._to_device(self.fetch())
+            return to_device(self.fetch(), self.device)
         if self._next is None:
             self._load()
         current = torch.cuda.current_stream(self.device)
