@@ -153,3 +153,14 @@ def test_two_ranks_split_the_work_and_rank0_gets_everything(tmp_path):
     torch.testing.assert_close(r0["feats"]["pooled"], out["sparse"].mean(1))
     torch.testing.assert_close(r0["feats"]["L"], out["L"])
     assert r0["feats"]["label"].tolist() == labels.tolist()
+
+
+def test_a_cuda_device_is_this_process_gpu(monkeypatch):
+    """Under torchrun, "auto" and a bare "cuda" are cuda:LOCAL_RANK (never device 0 on every rank)."""
+    from stellar.eval.features import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")

@@ -54,7 +54,8 @@ from stellar.data.multicrop import make_batch, resolve_views
 from stellar.data.order import SampleOrder, Slice, resolve_shard, stream_seed
 from stellar.data.spec import ViewSpec
 
-__all__ = ["BACKENDS", "build_loader", "pick_backend", "backend_info", "default_device", "resolve_root",
+__all__ = ["BACKENDS", "build_loader", "pick_backend", "backend_info", "default_device", "resolve_device",
+           "resolve_root",
            "Loader", "ReferenceLoader", "TorchvisionLoader", "DaliLoader"]
 
 BACKENDS = ("auto", "reference", "torchvision", "dali")
@@ -89,7 +90,7 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     """`device` with an index for CUDA (never a bare "cuda": that is device 0 for DALI and nvJPEG)."""
     if device is None:
         return default_device()
@@ -107,7 +108,7 @@ def _device(device) -> torch.device:
 def pick_backend(device=None) -> tuple[str, str]:
     """(backend, why) for backend="auto": dali on a GPU where DALI imports, else torchvision on a
     GPU, else reference. A DALI that is installed but fails to import is warned about."""
-    device = _device(device)
+    device = resolve_device(device)
     if device.type != "cuda":
         return "reference", "no GPU: Pillow decodes in DataLoader workers"
     ok, why = _dali.dali_status()
@@ -224,7 +225,7 @@ class Loader:
         if not isinstance(self.spec, ViewSpec):
             raise ValueError(f"spec must be a ViewSpec, got {type(self.spec).__name__}")
         self.num_workers, self.seed = num_workers, int(seed)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         # where the view step runs: the workers (CPU) for the reference, else the loader's device
         self.views = resolve_views(views or self.default_views, "cpu" if self._views_in_workers() else self.device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)

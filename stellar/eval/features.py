@@ -234,15 +234,15 @@ def encode_kinds(model: torch.nn.Module, images: Tensor, kinds: Sequence[str]) -
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto``: ``cuda:LOCAL_RANK`` where CUDA is available (torchrun sets LOCAL_RANK), else the CPU."""
+    """``auto``: this process's GPU where CUDA is available (``cuda:LOCAL_RANK`` under torchrun), else
+    the CPU. A CUDA device always gets an index: a bare ``cuda`` is this process's GPU, as for the
+    loaders (``stellar.data.loader.resolve_device``), never device 0 on every rank."""
+    from stellar.data.loader import default_device, resolve_device as data_device
+
     if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return default_device()
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} but CUDA is not available")
-    return device
+    return data_device(device) if device.type == "cuda" else device
 
 
 def _autocast(device: torch.device, amp: str):
