@@ -132,14 +132,6 @@ def backend_info() -> dict:
 # ----------------------------------------------------------------------------------------------
 # the reader workers: a slice of a global batch -> files' bytes or pixels (with substitution)
 # ----------------------------------------------------------------------------------------------
-def _decode_reference(data: bytes, name: str):
-    return _decode.decode_bytes(data, name)
-
-
-def _decode_torchvision_cpu(data: bytes, name: str):
-    return _decode.decode_bytes_torchvision(data, name)
-
-
 def _encoded(data: bytes, info) -> dict:
     return {"encoded": torch.frombuffer(bytearray(data), dtype=torch.uint8), "orientation": info.orientation}
 
@@ -173,16 +165,15 @@ class _Reader(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def load(self, index: int, bad: dict, decode=None):
+    def load(self, index: int, bad: dict):
         """(file index used, payload) for a sample of file `index`: it, or the next good one."""
-        decode = decode or self.worker_decode
         for j in self.order.candidates(index):  # the substitution rule of every backend
             path = self.files[j]
             if path in self.listed_bad:
                 bad[path] = self.listed_bad[path]
                 continue
             try:
-                return j, decode(_decode.read_bytes(path), path)
+                return j, self.worker_decode(_decode.read_bytes(path), path)
             except _decode.DecodeError as e:
                 bad[path] = e.reason
         raise RuntimeError(f"none of the {len(self.files)} images could be decoded (e.g. {self.files[index]}: "
@@ -366,7 +357,7 @@ class Loader:
             return index, _decode.decode_bytes(data, path, screen=False)
         except _decode.DecodeError as e:
             bad[path] = f"{reason}; reference: {e.reason}"
-        reader = _Reader(self.files, self.order, {**self._listed, **self.bad_files, **bad}, _decode_reference)
+        reader = _Reader(self.files, self.order, {**self._listed, **self.bad_files, **bad}, _decode.decode_bytes)
         return reader.load((index + 1) % len(self.files), bad)
 
     def _note_bad(self, bad: dict) -> None:
@@ -392,7 +383,7 @@ class ReferenceLoader(Loader):
     default_views = "torch"
 
     def _worker_decode(self):
-        return _decode_reference
+        return _decode.decode_bytes
 
     def _views_in_workers(self) -> bool:
         return True
@@ -453,7 +444,7 @@ class TorchvisionLoader(_DeviceLoader):
     backend = "torchvision"
 
     def _worker_decode(self):
-        return _pass_jpeg_on if self.device.type == "cuda" else _decode_torchvision_cpu
+        return _pass_jpeg_on if self.device.type == "cuda" else _decode.decode_bytes_torchvision
 
     def _pixels(self, out, bad):
         from torchvision.io import ImageReadMode, decode_jpeg
