@@ -296,29 +296,35 @@ def _nan_at(step):
     return model_fn
 
 
-@pytest.mark.parametrize("sync_free", [True, False])
-def test_trainer_stops_at_the_read_after_a_non_finite_step(tmp_path, sync_free):
+@pytest.mark.parametrize("sync_free, checkpoint_every", [(True, 8), (True, 2), (False, 2)])
+def test_trainer_stops_at_the_read_after_a_non_finite_step(tmp_path, sync_free, checkpoint_every):
     """sync_free: step 3 is non-finite, its update is skipped on the device, the run goes on to
-    the next read (log.every 5: step 5) and stops there naming step 3, with rows 1-2 logged and
-    no checkpoint past step 2; the reference path stops at once, before updating."""
+    the next read and stops there naming step 3, with rows 1-2 logged and no checkpoint past
+    step 2. The next read is log.every's (5: step 5) when checkpoints are rarer (every 8), or the
+    one before the checkpoint of step 4 when they come more often than reads (every 2). The
+    reference path stops at once, before updating."""
     from stellar.train import NonFiniteLossError, load_config, pretrain, read_metrics
-    from stellar.train.checkpoint import latest_checkpoint
+    from stellar.train.checkpoint import latest_checkpoint, list_checkpoints
     from test_train import TINY, seeded_loader
-    cfg = load_config(None, [*TINY, "train.steps=10", "train.checkpoint_every=2", "log.every=5",
+    cfg = load_config(None, [*TINY, "train.steps=10", f"train.checkpoint_every={checkpoint_every}", "log.every=5",
                              f"train.sync_free={str(sync_free).lower()}"])
-    if sync_free:
-        cfg["train"]["checkpoint_every"] = 8                     # the read at step 5 finds it
     with pytest.raises(NonFiniteLossError) as err:
         pretrain(cfg, tmp_path / "run", loader_fn=seeded_loader, model_fn=_nan_at(3))
     message = str(err.value)
     assert "non-finite loss at step 3" in message and "loss=nan" in message
     rows = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.csv")]
     assert rows == [1, 2]
+    saved = [p.name for p in list_checkpoints(tmp_path / "run")]
     if sync_free:
-        assert "skipped on the device" in message and "stopped at step 5" in message
-        assert latest_checkpoint(tmp_path / "run") is None and "no checkpoint" in message
+        stopped = 5 if checkpoint_every == 8 else 4
+        assert "skipped on the device" in message and f"stopped at step {stopped}" in message
     else:
-        assert "Stopped before updating" in message and latest_checkpoint(tmp_path / "run").name == "step_00000002"
+        assert "Stopped before updating" in message
+    if checkpoint_every == 8:
+        assert saved == [] and latest_checkpoint(tmp_path / "run") is None and "no checkpoint" in message
+    else:
+        assert saved == ["step_00000002"] and latest_checkpoint(tmp_path / "run").name == "step_00000002"
+        assert "the last good checkpoint is" in message and "step_00000002" in message
 
 
 # --------------------------------------------------------------------------- CUDA: the fast model against the reference
