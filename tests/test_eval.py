@@ -130,3 +130,22 @@ def test_colormap_endpoints():
     assert c[0].sum() < 0.1 and c[1].sum() > 2.5
     torch.testing.assert_close(c[3], c[0])
     torch.testing.assert_close(c[4], c[1])
+
+
+def test_viz_images_are_decoded_like_the_loaders(tmp_path, gen):
+    """`stellar viz` reads its images by the reference decode: EXIF orientation applied, 16-bit
+    samples by their high byte (Pillow's own convert("RGB") does neither)."""
+    import numpy as np
+
+    from stellar.eval.concept_maps import load_images
+
+    stored = torch.randint(0, 256, (6, 6, 3), dtype=torch.uint8, generator=gen).numpy()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif.tobytes())
+    deep = torch.randint(0, 65536, (6, 6), generator=gen).numpy().astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "gray16.png")
+    got = load_images([tmp_path / "rotated.png", tmp_path / "gray16.png"], 6)  # 6 px: no resize
+    upright = torch.from_numpy(np.rot90(stored, k=-1).copy()).permute(2, 0, 1)
+    assert torch.equal(got[0], upright.float() / 255)
+    assert torch.equal(got[1], torch.from_numpy((deep >> 8).astype(np.float32) / 255).expand(3, 6, 6))

@@ -12,7 +12,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -93,12 +92,11 @@ def save_concept_maps(model: torch.nn.Module, images: Tensor, path: str | os.Pat
 
 
 def load_images(paths, size: int) -> Tensor:
-    """Image files -> Tensor[B, 3, size, size] in [0,1] (RGB, centre square crop, resize)."""
+    """Image files -> Tensor[B, 3, size, size] in [0,1]: the reference decode the loaders and the
+    other evaluations use (`stellar.data.decode.decode_file`: RGB, upright by EXIF, 16-bit by the
+    high byte), then the centre square crop and resize (`prepare_images`)."""
+    from stellar.data.decode import decode_file
+
     from .knn import prepare_images
 
-    tensors = []
-    for p in paths:
-        with Image.open(p) as im:
-            rgb = im.convert("RGB")
-        tensors.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
-    return prepare_images(tensors, size)
+    return prepare_images([decode_file(p) for p in paths], size)
