@@ -95,7 +95,7 @@ def make_batch(images: Sequence[torch.Tensor], draws: SampleDraws, spec: ViewSpe
     return {**make_views(images, crops, spec, impl, normalize), "crops": crops, "keep": draws.keep}
 
 
-def check_images(images, layout: str) -> list:
+def _hwc_images(images, layout: str) -> list:
     """The images as a list of uint8 Tensor[H, W, 3] views (no copy); a ValueError naming the bad one."""
     if layout not in ("CHW", "HWC"):
         raise ValueError(f"layout must be 'CHW' or 'HWC', got {layout!r}")
@@ -148,7 +148,7 @@ class MultiCrop:
         CPU (layouts: `stellar.data.draws`), and "label" when given. The first global view is
         `image`'s window and flip with its own colour augmentation.
         """
-        hwc = check_images(images, layout)
+        hwc = _hwc_images(images, layout)
         B = len(hwc)
         if positions is None:
             positions = range(self.count, self.count + B)
