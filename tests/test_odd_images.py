@@ -170,7 +170,7 @@ def test_a_stuck_worker_times_out_and_is_replaced(tmp_path, monkeypatch):
         files.append(tmp_path / f"{i}.png")
         Image.new("RGB", (4, 4)).save(files[-1])
     monkeypatch.setattr(check, "_WORKER_BOOT", "import time; time.sleep(60)")  # a decoder that never returns
-    found = check.check_paths(files, full=True, num_workers=1, timeout=1.0)
+    found = check.check_paths(files, full=True, num_workers=1, timeout=0.3)  # the worker sleeps 60 s
     assert all(r.startswith("decoder timed out") for r in found.values()), found
 
 
