@@ -24,59 +24,19 @@ DEFAULTS = ["train.batch_size=64", "train.steps=40", "train.checkpoint_every=40"
             "train.warmup=0.1", "log.progress=false", "log.tensorboard=false"]
 
 
-class DeviceBatches:
-    """Synthetic global batches on the current CUDA device (or the CPU), sliced per rank."""
+def device_batches(cfg, rank, world_size):
+    """Synthetic global batches made on this process's device (stellar.train.synthetic), sliced per rank."""
+    from stellar.train.synthetic import SyntheticLoader
 
-    per_epoch = 10_000
-
-    def __init__(self, cfg, rank, world_size):
-        from stellar.model.stellar import resolve_config
-
-        model, data = resolve_config(cfg["model"]), cfg["data"]
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.rank, self.world, self.b = rank, world_size, int(cfg["train"]["batch_size"])
-        self.seed, self.S, self.s = int(cfg["seed"]), data["global_size"], data["local_size"]
-        self.G, self.Lc = data["num_global"], data["num_local"]
-        self.grid = data["global_size"] // model["patch_size"]
-        self.masking = model["masking"]
-        self.epoch, self.batch = 0, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch = state["epoch"], state["batch"]
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
-
-    def global_batch(self, k):
-        from stellar.model.masking import sample_keep_indices
-
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + k)
-        B, dev, m = self.b * self.world, self.device, self.masking
-        keep = sample_keep_indices(B * self.G, self.grid, self.grid, m["mask_ratio"], m["focal"], m["focal_prob"],
-                                   generator=g)
-        return {"image": torch.rand(B, 3, self.S, self.S, generator=g, device=dev),
-                "global_views": torch.rand(B, self.G, 3, self.S, self.S, generator=g, device=dev),
-                "local_views": torch.rand(B, self.Lc, 3, self.s, self.s, generator=g, device=dev),
-                "keep": keep.view(B, self.G, -1)}
-
-    def __iter__(self):
-        while self.batch < self.per_epoch:
-            full = self.global_batch(self.epoch * self.per_epoch + self.batch)
-            rows = slice(self.rank * self.b, (self.rank + 1) * self.b)
-            self.batch += 1
-            yield {k: v[rows] for k, v in full.items()}
-        self.epoch, self.batch = self.epoch + 1, 0
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return SyntheticLoader(cfg, rank, world_size, batches_per_epoch=10_000, device=device)
 
 
 def run(args) -> None:
     from stellar.train import load_config, pretrain
 
     cfg = load_config(args.config, [*DEFAULTS, *args.overrides])
-    pretrain(cfg, args.out, loader_fn=DeviceBatches)
+    pretrain(cfg, args.out, loader_fn=device_batches)
 
 
 def _rows(run_dir):

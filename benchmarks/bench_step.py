@@ -49,10 +49,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stellar.model import LOSS_NAMES, build_model  # noqa: E402
-from stellar.model.masking import num_keep, sample_keep_indices  # noqa: E402
 from stellar.train.config import load_config  # noqa: E402
 from stellar.train.step import (LossTracker, StepOptions, build_optimizer, prepare_model,  # noqa: E402
                                 update_with_sync, update_without_sync)
+from stellar.train.synthetic import SyntheticLoader  # noqa: E402
 from stellar.train.trainer import autocast_dtype, check_finite, forward_losses, loss_values  # noqa: E402
 
 # Dense bf16 matrix peak, TFLOP/s (vendor figures, no sparsity).
@@ -94,28 +94,11 @@ def merge(base: dict, over: dict) -> dict:
 
 # ---------------------------------------------------------------------------- inputs
 
-def make_batches(cfg: dict, batch: int, count: int, device: torch.device, seed: int = 0) -> list[dict]:
-    """``count`` synthetic batches in [0, 1] with the kept patches drawn here (both modes see the same masks)."""
-    data, mcfg = cfg["data"], cfg["model"]
-    S, s, G, Lc = data["global_size"], data["local_size"], data["num_global"], data["num_local"]
-    patch = build_model_cfg_patch(mcfg)
-    gh = S // patch
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        keep = torch.stack([sample_keep_indices(batch, gh, gh, mcfg["masking"]["mask_ratio"], mcfg["masking"]["focal"],
-                                                mcfg["masking"]["focal_prob"], generator=g) for _ in range(G)], 1)
-        assert keep.shape[-1] == num_keep(gh * gh, mcfg["masking"]["mask_ratio"])
-        out.append({"image": torch.rand(batch, 3, S, S, generator=g).to(device),
-                    "global_views": torch.rand(batch, G, 3, S, S, generator=g).to(device),
-                    "local_views": torch.rand(batch, Lc, 3, s, s, generator=g).to(device),
-                    "keep": keep.to(device)})
-    return out
-
-
-def build_model_cfg_patch(mcfg: dict) -> int:
-    from stellar.model import resolve_config
-    return resolve_config(mcfg)["patch_size"]
+def make_batches(cfg: dict, count: int, device: torch.device) -> list[dict]:
+    """``count`` synthetic batches of train.batch_size images in [0, 1] with their kept patches,
+    made on ``device`` (stellar.train.synthetic): every variant sees the same batches and masks."""
+    loader = SyntheticLoader(cfg, device=device)
+    return [loader.global_batch(k) for k in range(count)]
 
 
 def to_bf16(batch: dict) -> dict:
@@ -466,7 +449,7 @@ def main(argv=None) -> int:
     flops = None
     while batches is None:
         try:
-            batches = make_batches(cfg, args.batch, 2, device)
+            batches = make_batches(cfg, 2, device)
             flops = count_flops(cfg, state, batches[0], device)
         except torch.cuda.OutOfMemoryError:
             batches = None

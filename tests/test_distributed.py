@@ -20,6 +20,7 @@ import torch
 
 from stellar.train import load_config, pretrain, read_metrics
 from stellar.train.checkpoint import is_sharded, latest_checkpoint, list_checkpoints, load_pretrained
+from stellar.train.synthetic import SyntheticLoader
 
 HERE = Path(__file__).resolve()
 TINY = [
@@ -33,66 +34,23 @@ TINY = [
 GLOBAL_BATCH = 4
 
 
-class GlobalBatchLoader:
-    """Rank r of W reads rows [r*b, (r+1)*b) of each global batch of W*b samples.
-
-    Every sample -- its images and the patches its masked views keep -- is a pure function of
-    (seed, epoch, global sample index), so W processes with batch b see the same global batches
-    as one process with W*b. ``state_dict`` counts global batches. ``STELLAR_TEST_SLOW`` makes
-    each batch take that many seconds; ``STELLAR_TEST_STALL=rank:batch`` makes that rank stall
-    before that global batch (a rank to be killed while the others wait for it).
+class GlobalBatchLoader(SyntheticLoader):
+    """Rank r of W reads rows [r*b, (r+1)*b) of each global batch of W*b samples, each global batch
+    (its images and the patches its masked views keep) a pure function of (seed, its number), so
+    W processes with batch b see the same global batches as one process with W*b; ``state_dict``
+    counts global batches (stellar.train.synthetic). ``STELLAR_TEST_STALL=rank:batch`` makes that
+    rank stall before that global batch (a rank to be killed while the others wait for it).
     """
 
-    batches_per_epoch = 3
-
     def __init__(self, cfg, rank, world_size):
-        from stellar.model.stellar import resolve_config
-
-        model, data = resolve_config(cfg["model"]), cfg["data"]
-        self.rank, self.world, self.b = rank, world_size, int(cfg["train"]["batch_size"])
-        self.seed, self.S, self.s = int(cfg["seed"]), data["global_size"], data["local_size"]
-        self.G, self.Lc, self.grid = data["num_global"], data["num_local"], data["global_size"] // model["patch_size"]
-        self.masking = model["masking"]
-        self.slow = float(os.environ.get("STELLAR_TEST_SLOW", 0))
+        super().__init__(cfg, rank, world_size)
         stall = os.environ.get("STELLAR_TEST_STALL")
         self.stall = tuple(int(v) for v in stall.split(":")) if stall else None
-        self.epoch, self.batch = 0, 0
 
-    def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch = state["epoch"], state["batch"]
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
-
-    def sample(self, index):
-        from stellar.model.masking import sample_keep_indices
-
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
-        m = self.masking
-        return {"image": torch.rand(3, self.S, self.S, generator=g),
-                "global_views": torch.rand(self.G, 3, self.S, self.S, generator=g),
-                "local_views": torch.rand(self.Lc, 3, self.s, self.s, generator=g),
-                "keep": sample_keep_indices(self.G, self.grid, self.grid, m["mask_ratio"], m["focal"],
-                                            m["focal_prob"], generator=g),
-                "label": torch.tensor(index % 4)}
-
-    def __iter__(self):
-        if self.batch >= self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        epoch = self.epoch
-        while self.batch < self.batches_per_epoch:
-            if self.stall == (self.rank, self.batch + self.epoch * self.batches_per_epoch):
-                time.sleep(120)
-            time.sleep(self.slow)
-            first = self.batch * self.world * self.b + self.rank * self.b
-            samples = [self.sample(i) for i in range(first, first + self.b)]
-            self.batch += 1
-            yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-        self.epoch, self.batch = epoch + 1, 0
+    def global_batch(self, k):
+        if self.stall == (self.rank, k):
+            time.sleep(120)
+        return super().global_batch(k)
 
 
 def config(*overrides):

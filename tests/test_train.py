@@ -10,6 +10,7 @@ import yaml
 from stellar.train import ConfigError, CosineSchedule, NonFiniteLossError, load_config, pretrain, read_metrics
 from stellar.train.checkpoint import latest_checkpoint, list_checkpoints, load_pretrained
 from stellar.train.config import DEFAULTS_PATH, merge, parse_override, read_yaml, save_config
+from stellar.train.synthetic import SyntheticLoader
 from stellar.train.trainer import parameter_groups
 
 # A model small enough for a step in a few tens of milliseconds.
@@ -22,44 +23,10 @@ TINY = [
 ]
 
 
-class SeededLoader:
-    """A loader double with the stellar.data loader protocol: each batch a pure function of
-    (seed, epoch, batch), position in state_dict, the epoch advanced at the end of a pass."""
-
-    def __init__(self, batches=3, B=4, S=32, s=16, G=2, Lc=2, seed=0):
-        self.n, self.B, self.S, self.s, self.G, self.Lc, self.seed = batches, B, S, s, G, Lc, seed
-        self.epoch, self.batch = 0, 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch = state["epoch"], state["batch"]
-
-    def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.batch = epoch, 0
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        if self.batch >= self.n:      # resumed at the very end of an epoch
-            self.epoch, self.batch = self.epoch + 1, 0
-        epoch = self.epoch
-        while self.batch < self.n:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch * 1009 + self.batch)
-            batch = {"image": torch.rand(self.B, 3, self.S, self.S, generator=g),
-                     "global_views": torch.rand(self.B, self.G, 3, self.S, self.S, generator=g),
-                     "local_views": torch.rand(self.B, self.Lc, 3, self.s, self.s, generator=g),
-                     "label": torch.randint(0, 4, (self.B,), generator=g)}
-            self.batch += 1
-            yield batch
-        self.epoch, self.batch = epoch + 1, 0
-
-
 def seeded_loader(cfg, rank, world_size):
-    return SeededLoader()
+    """Synthetic batches (3 per epoch) without kept patches: the model draws its masks from the
+    global RNG stream, which a resumed run must restore."""
+    return SyntheticLoader(cfg, rank, world_size, keep=False)
 
 
 def tiny_config(*overrides):
