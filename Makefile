@@ -30,16 +30,17 @@ test: setup
 bench: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks/bench_*.py -q
 
-# Every GPU check and benchmark in one command, inside ~8 minutes (benchmarks/gpu.sh says what runs);
-# uses the machine's python (PYTHON=...), installs nothing from a registry.
+# Every GPU check and benchmark in one command, under 9 minutes (benchmarks/gpu.sh says what runs);
+# uses the machine's python (PYTHON=...), installs nothing from a registry (GPU_CARRIED=...: the
+# wheels of `make gpu-wheels`, carried in parts).
 gpu:
 	bash benchmarks/gpu.sh
 
-# Wheels the GPU machine cannot download (torchao for train.fp8), into build/wheels: run here,
-# then carry build/wheels to the GPU machine; `make gpu` installs them first.
+# The wheels the GPU machine lacks (DALI and what it loads, torchao), downloaded here for its
+# Python 3.12 and split into parts of <= 58 MiB under build/gpu-carry (ignored), one per device
+# call; prints the calls (benchmarks/RESULTS.md's header has them too).
 gpu-wheels:
-	mkdir -p build/wheels
-	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 -d build/wheels 'torchao>=0.16,<0.19'
+	bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
