@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import math
@@ -49,7 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stellar.model import LOSS_NAMES, build_model  # noqa: E402
-from stellar.train.config import load_config  # noqa: E402
+from stellar.train.config import load_config, merge  # noqa: E402
 from stellar.train.step import (LossTracker, StepOptions, build_optimizer, prepare_model,  # noqa: E402
                                 update_with_sync, update_without_sync)
 from stellar.train.synthetic import SyntheticLoader  # noqa: E402
@@ -83,13 +82,6 @@ SMOKE = ["model.arch=tiny", "model.img_size=32", "model.patch_size=8", "model.di
          "model.heads=2", "model.num_tokens=4", "model.decoder={dim: 32, depth: 1, heads: 2, mlp_dim: 64}",
          "model.clustering={hidden: 32, bottleneck: 16, prototypes: 64}", "data.global_size=32",
          "data.local_size=16", "data.num_global=2", "data.num_local=2", "data.num_workers=0"]
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
 
 
 # ---------------------------------------------------------------------------- inputs
