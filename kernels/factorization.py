@@ -8,18 +8,16 @@ True)` traces through them without a graph break.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dispatch import interpreting, resolve_backend, triton_available
 from .reference import factorize as factorize_reference
 
 MAX_RANK = 128
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "triton", "torch")
 
 # ----------------------------------------------------------------------------- the custom ops
 
@@ -138,21 +136,7 @@ def factorize(
 
 
 def _resolve_backend(backend: str, dense: Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if dense.is_cuda and dense.dtype in TRITON_DTYPES and _triton_available() else "torch"
-    if backend == "triton":
-        if dense.dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 dense, got {dense.dtype}")
-        if not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not dense.is_cuda and not _interpreting():
-            raise RuntimeError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before stellar.kernels "
-                f"is first used to run the kernels on {dense.device.type} tensors in the interpreter"
-            )
-    return backend
+    return resolve_backend("factorize", backend, dense, "dense")
 
 
 def _check_inputs(dense: Tensor, sparse_q: Tensor, sparse_v: Tensor, temperature: float) -> None:
@@ -190,14 +174,6 @@ def _check_inputs(dense: Tensor, sparse_q: Tensor, sparse_v: Tensor, temperature
 # ----------------------------------------------------------------------------- environment
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def backend_info() -> dict:
     """What the factorization can run on here (for `stellar info`).
 
@@ -209,7 +185,7 @@ def backend_info() -> dict:
          tile table's MIX, or STELLAR_FACTORIZE_MIX_PRECISION), "tiles_tuned": "k of n entries"
          of the tile table tuned on a GPU}.
     """
-    available = _triton_available()
+    available = triton_available()
     version = None
     if available:
         from importlib.metadata import PackageNotFoundError, version as _version
@@ -227,7 +203,7 @@ def backend_info() -> dict:
     return {
         "triton_available": available,
         "triton_version": version,
-        "interpreter": _interpreting(),
+        "interpreter": interpreting(),
         "cuda_available": cuda,
         "auto_backend": "triton" if (cuda and available) else "torch",
         "fp32_dots": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",

@@ -42,7 +42,6 @@ the interpreter tests measure the error of the precision actually chosen.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -52,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import factorize_tiles
+from ._dispatch import device_guard, interpreting
 
 # ----------------------------------------------------------------------------- tier 1: kernels
 
@@ -334,15 +334,6 @@ _POW2 = (16, 32, 64, 128, 256)
 _WARPS = (1, 2, 4, 8, 16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU, not the current one (no-op for CPU tensors in the interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def compute_name(dtype: torch.dtype) -> str:
     """The table's dtype key: the dtype the dots compute in ("float32-tf32" for fp32 inputs when
     torch.backends.cuda.matmul.allow_tf32 is on, "float32" for IEEE fp32)."""
@@ -442,7 +433,7 @@ def _precisions(dtype: torch.dtype) -> dict:
     """The dots' constexprs (see the module docstring): UPCAST, DOT_* for input x input dots,
     MIX_* for fp32-intermediate x input dots; *_ROUND emulates the GPU's operand rounding in the
     interpreter ("none" on the GPU, where input_precision does it)."""
-    interpret = _interpreting()
+    interpret = interpreting()
     if dtype == torch.float32:
         mode = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
         cast = False
@@ -479,7 +470,7 @@ def _cols(block_c: int, width: int) -> int:
 
 
 def _run_options(tile: tuple) -> dict:
-    return {} if _interpreting() else dict(num_warps=tile[2], num_stages=tile[3])
+    return {} if interpreting() else dict(num_warps=tile[2], num_stages=tile[3])
 
 
 def _recoverable(exc: BaseException) -> bool:
@@ -561,7 +552,7 @@ def factorize_forward(
             **_run_options(tile),
         )
 
-    with _device_guard(dev):
+    with device_guard(dev):
         _launch("fwd", p["key"], p["fwd"], launch)
     return Z, L, logits, inv_n, inv_k
 
@@ -627,7 +618,7 @@ def factorize_backward(
             BLOCK_N=tile[0], BLOCK_R=block_r, BLOCK_DV=block_dv, **_run_options(tile),
         )
 
-    with _device_guard(dev):
+    with device_guard(dev):
         _launch("rows", p["key"], p["rows"], rows)
         _launch("dense", p["key"], p["dense"], dense_cols)
         _launch("values", p["key"], p["values"], values)

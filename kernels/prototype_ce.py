@@ -17,18 +17,14 @@ traces through them without a graph break.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import warnings
 
 import torch
 from torch import Tensor
 
+from ._dispatch import TRITON_DTYPES, resolve_backend
 from .reference import prototype_cross_entropy as prototype_cross_entropy_reference
 
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "triton", "torch")
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 # ----------------------------------------------------------------------------- the custom ops
@@ -159,34 +155,8 @@ def _compute_dtype(features: Tensor) -> torch.dtype:
     return features.dtype
 
 
-_warned_no_triton = False
-
-
 def _resolve_backend(backend: str, features: Tensor) -> str:
-    global _warned_no_triton
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if not (features.is_cuda and features.dtype in TRITON_DTYPES):
-            return "torch"  # CPU tensors and float64: the reference by design
-        if not _triton_available():
-            if not _warned_no_triton:
-                warnings.warn("prototype_cross_entropy: triton is not installed, so the CUDA tensors go "
-                              "through the reference, which builds the [M, C] logits (pip install triton)")
-                _warned_no_triton = True
-            return "torch"
-        return "triton"
-    if backend == "triton":
-        if features.dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 features, got {features.dtype}")
-        if not _triton_available():
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not features.is_cuda and not _interpreting():
-            raise RuntimeError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before stellar.kernels "
-                f"is first used to run the kernels on {features.device.type} tensors in the interpreter"
-            )
-    return backend
+    return resolve_backend("prototype_cross_entropy", backend, features, "features")
 
 
 def _check_inputs(features, prototypes, targets, temperature, target_index) -> None:
@@ -227,14 +197,3 @@ def _check_inputs(features, prototypes, targets, temperature, target_index) -> N
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -57,7 +57,6 @@ gradient columns (BLOCK_N; grid axis 2, so K > 256 recomputes the logits once pe
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -65,6 +64,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._dispatch import device_guard, interpreting
 
 MAX_BLOCK_K = 256  # widest K chunk: one 16-bit logits product, and the gradient columns of one program
 
@@ -294,15 +295,6 @@ def _bwd_dw_kernel(
 # ----------------------------------------------------------------------------- tier 2: launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU, not the current one (no-op for CPU tensors in the interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _target_programs(device: torch.device) -> int:
     """How many programs a launch should have to fill the device: two per SM on a GPU. In the
     interpreter a small number, so that the tests' small shapes exercise the split paths; for
@@ -310,11 +302,11 @@ def _target_programs(device: torch.device) -> int:
     an H100 / H200's 132 SMs."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 if _interpreting() else 2 * 132
+    return 4 if interpreting() else 2 * 132
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if _interpreting() or dtype != torch.float32:
+    if interpreting() or dtype != torch.float32:
         return "ieee"  # 16-bit operands: the input precision does not apply
     # As torch's own float32 matmuls on CUDA: exact unless TF32 is allowed ("high" or "medium").
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -335,7 +327,7 @@ def _config(kind: str, M: int, C: int, K: int, dtype: torch.dtype) -> dict:
       BLOCK_N  the K chunk of the gradient a program accumulates, [64, BLOCK_N] fp32 (<= 256).
       BLOCK_M, BLOCK_C  the row tile and the prototype block (>= 16 for `tl.dot`).
     STELLAR_PROTOTYPE_CE_BLOCK_M / STELLAR_PROTOTYPE_CE_BLOCK_C override the last two."""
-    interpret = _interpreting()
+    interpret = interpreting()
     precision = _precision(dtype)
     fma = dtype == torch.float32 and precision == "ieee" and not interpret  # exact fp32: no tensor cores
     block_n = min(_p2(K), MAX_BLOCK_K)
@@ -439,7 +431,7 @@ def prototype_ce_forward(
         )
         return part
 
-    with _device_guard(dev):
+    with device_guard(dev):
         part = _launch_with_fallback("fwd", M, C, K, features.dtype, launch)
     row_max, log_sum, tdot, tsum = part.unbind(1)  # each [splits, M]
     if part.shape[0] > 1:  # merge the prototype ranges onto the overall max
@@ -502,7 +494,7 @@ def prototype_ce_backward(
         if splits > 1:  # sum the row ranges' fp32 partials
             d_prototypes.copy_(out.sum(0))
 
-    with _device_guard(dev):
+    with device_guard(dev):
         if need_features:
             _launch_with_fallback("bwd_dx", M, C, K, dtype, launch_dx)
         if need_prototypes:

@@ -252,6 +252,21 @@ def test_auto_uses_the_reference_off_cuda():
     torch.testing.assert_close(L, Lr, rtol=0, atol=0)
 
 
+def test_auto_on_cuda_without_triton_warns_and_takes_the_reference(monkeypatch):
+    """The one fallback of "auto" that is not by design (CUDA tensors, no Triton) says so, once."""
+    from types import SimpleNamespace
+
+    from stellar.kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(_dispatch, "_WARNED_NO_TRITON", set())
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="factorize: triton is not installed"):
+        assert _dispatch.resolve_backend("factorize", "auto", cuda_bf16, "dense") == "torch"
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        _dispatch.resolve_backend("factorize", "triton", cuda_bf16, "dense")
+
+
 def test_backend_info():
     info = backend_info()
     assert set(info) == {"triton_available", "triton_version", "interpreter", "cuda_available", "auto_backend",
