@@ -221,17 +221,21 @@ _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]
 SASS_COUNTED = ("HGMMA", "HMMA", "FFMA", "LDL", "STL", "DFMA", "DMUL", "DADD", "MUFU.RCP64H")
 
 
-def sass_counts(cuobjdump: str, cubin_path: str) -> dict:
-    """Counts of the SASS opcodes in SASS_COUNTED (static instructions, not executed ones)."""
-    out = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True, timeout=300).stdout
+def count_sass(sass: str) -> dict:
+    """Counts of the opcodes in SASS_COUNTED in a SASS listing (static instructions, not executed ones)."""
     counts = dict.fromkeys(SASS_COUNTED, 0)
-    for m in _SASS_OP.finditer(out):
+    for m in _SASS_OP.finditer(sass):
         op, mods = m.group(1), m.group(2)
         if op in counts:
             counts[op] += 1
         if op == "MUFU" and mods.startswith(".RCP64H"):
             counts["MUFU.RCP64H"] += 1
     return counts
+
+
+def sass_counts(cuobjdump: str, cubin_path: str) -> dict:
+    """count_sass of a cubin's SASS."""
+    return count_sass(subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True, timeout=300).stdout)
 
 
 def parse_ptxas(log: str) -> dict:
@@ -554,17 +558,7 @@ def run_nvcc(arch: int, verbose: bool) -> tuple[list, list]:
 
 def _sass_by_function(cuobjdump: str, cubin: str) -> dict:
     out = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-    result = {}
-    for part in re.split(r"\n\s*Function : ", out)[1:]:
-        name = part.split("\n", 1)[0].strip()
-        counts = dict.fromkeys(SASS_COUNTED, 0)
-        for m in _SASS_OP.finditer(part):
-            if m.group(1) in counts:
-                counts[m.group(1)] += 1
-            if m.group(1) == "MUFU" and m.group(2).startswith(".RCP64H"):
-                counts["MUFU.RCP64H"] += 1
-        result[name] = counts
-    return result
+    return {part.split("\n", 1)[0].strip(): count_sass(part) for part in re.split(r"\n\s*Function : ", out)[1:]}
 
 
 # ----------------------------------------------------------------------------- printing

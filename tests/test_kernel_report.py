@@ -88,6 +88,12 @@ def test_parsers_read_ptxas_ttgir_and_occupancy():
              "%c = tt.dot %p, %q, %r : tensor<32x64xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> "
              "* tensor<64x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<32x16xf32, #blocked> loc(#l3)\n")
     assert kernel_report.dot_lowering(ttgir) == {"wgmma": 1, "mma": 1, "fma": 1}
+    sass = ("        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;\n"
+            "        /*0050*/              @!P0 FFMA R3, R2, R4, R3 ;\n"
+            "        /*0060*/                   MUFU.RCP64H R5, R7 ;\n"
+            "        /*0070*/                   DFMA R4, R2, R6, R4 ;\n")
+    counts = kernel_report.count_sass(sass)
+    assert (counts["HGMMA"], counts["FFMA"], counts["MUFU.RCP64H"], counts["DFMA"], counts["HMMA"]) == (1, 1, 1, 1, 0)
     # 168 registers x 128 threads: 21504 per CTA -> 3 CTAs in 65536; 20 KB shared: 11 by shared memory
     assert kernel_report.occupancy(168, 20 * 1024, 4) == 3
     assert kernel_report.occupancy(32, 200 * 1024, 4) == 1
