@@ -1,8 +1,8 @@
 """Test-wide setup.
 
-The Triton kernels are tested on the CPU through Triton's interpreter: `make test` exports
-TRITON_INTERPRET=1, and a bare `pytest` on a machine without CUDA gets the same here (the variable
-must be set before any kernel module is imported, which is why it lives in conftest).
+The Triton kernels are tested on the CPU through Triton's interpreter: on a machine without CUDA,
+TRITON_INTERPRET=1 is set here (it must be set before any kernel module is imported, which is why
+it lives in conftest); with a GPU the kernels run for real.
 """
 import os
 import zlib
@@ -25,3 +25,16 @@ def gen(request):
     g = torch.Generator()
     g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every float buffer allocated with torch.empty starts as NaN (the Triton launchers'
+    outputs): an element a kernel leaves unwritten fails the comparison."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

@@ -1,7 +1,7 @@
 """The fused factorization against its float64 reference: forward, all gradients, awkward inputs.
 
-The Triton path runs on CUDA tensors, or on CPU tensors in the interpreter (`make test` exports
-TRITON_INTERPRET=1); without either those tests skip and say why.
+The Triton path runs on CUDA tensors, or on CPU tensors in the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 where no GPU is present); without either those tests skip and say why.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 needs_triton = pytest.mark.skipif(
     not backend_info()["triton_available"] or not (INTERPRET or CUDA),
-    reason="the Triton kernels need triton and either a CUDA device or TRITON_INTERPRET=1 (set by `make test`)",
+    reason="the Triton kernels need triton and either a CUDA device or TRITON_INTERPRET=1 (tests/conftest.py sets it where no GPU is present)",
 )
 
 # Relative to the largest reference magnitude; bf16/fp16 compared to the float64 reference.
@@ -75,18 +75,6 @@ def _check_against_reference(inputs, dtype, return_L=True, temperature=0.06, see
     for name, leaf, ref in zip(("dense", "sparse_q", "sparse_v"), leaves, ref_leaves):
         assert leaf.grad.dtype == dtype
         _close(leaf.grad, ref.grad, dtype, f"grad of {name}")
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every float buffer the launchers allocate starts as NaN: an unwritten element fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 @needs_triton

@@ -20,7 +20,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 TRITON_OK = backend_info()["triton_available"] and (INTERPRET or CUDA)
 needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="the Triton kernels need triton and either CUDA or TRITON_INTERPRET=1 (set by `make test`)"
+    not TRITON_OK, reason="the Triton kernels need triton and either CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it where no GPU is present)"
 )
 
 
