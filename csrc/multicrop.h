@@ -165,7 +165,7 @@ STELLAR_HD void gaussian_taps(float sigma, float* taps) {
 
 // The first invalid column of one crop row for `num_images` images, or -1 when the row is valid.
 // The same test on the host (rows on the CPU) and in the CUDA check kernel (rows on the GPU);
-// describe_row_error says what is wrong with that column.
+// raise_row_error says what is wrong with that column.
 STELLAR_HD bool is_finite_value(float v) { return v - v == 0.f; }  // false for inf and NaN
 STELLAR_HD bool is_integer_value(float v) {
 #if defined(__CUDA_ARCH__)
