@@ -61,3 +61,14 @@ def resolve_backend(op: str, backend: str, t: Tensor, arg: str) -> str:
                 f"is first used to run the kernels on {t.device.type} tensors in the interpreter"
             )
     return backend
+
+
+def recoverable_launch_failure(exc: BaseException) -> bool:
+    """Launch failures a smaller tile can fix: Triton's OutOfResources (shared memory, threads
+    for the register count), and the driver's 'too many resources requested for launch'."""
+    import triton  # only reached on the Triton path
+
+    if isinstance(exc, triton.runtime.errors.OutOfResources):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("too many resources requested" in text or "out of resource" in text)

@@ -51,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import factorize_tiles
-from ._dispatch import device_guard, interpreting
+from ._dispatch import device_guard, interpreting, recoverable_launch_failure
 
 # ----------------------------------------------------------------------------- tier 1: kernels
 
@@ -473,15 +473,6 @@ def _run_options(tile: tuple) -> dict:
     return {} if interpreting() else dict(num_warps=tile[2], num_stages=tile[3])
 
 
-def _recoverable(exc: BaseException) -> bool:
-    """Launch failures a smaller tile can fix: Triton's OutOfResources (shared memory, threads
-    for the register count), and the driver's 'too many resources requested for launch'."""
-    if isinstance(exc, triton.runtime.errors.OutOfResources):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("too many resources requested" in text or "out of resource" in text)
-
-
 def _smaller(tile: tuple):
     """The next tile to try: fewer pipeline stages, then fewer rows, then fewer columns."""
     block_n, block_c, warps, stages = tile
@@ -506,7 +497,7 @@ def _launch(kernel: str, key: tuple, tile: tuple, launch):
         try:
             return launch(tile)
         except Exception as exc:  # noqa: BLE001  filtered by _recoverable, re-raised otherwise
-            smaller = _smaller(tile) if _recoverable(exc) else None
+            smaller = _smaller(tile) if recoverable_launch_failure(exc) else None
             if smaller is None:
                 raise
             warnings.warn(

@@ -59,13 +59,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dispatch import device_guard, interpreting
+from ._dispatch import device_guard, interpreting, recoverable_launch_failure
 
 MAX_BLOCK_K = 256  # widest K chunk: one 16-bit logits product, and the gradient columns of one program
 
@@ -343,8 +344,8 @@ def _config(kind: str, M: int, C: int, K: int, dtype: torch.dtype) -> dict:
         bm, bc, warps, stages = 64, (32 if dtype == torch.float32 else 64), 8, 2
     if kind != "fwd" and block_n <= 128 and dtype != torch.float32 and not interpret:
         bc *= 2  # narrow K: room for wider prototype blocks
-    bm = int(os.environ.get("STELLAR_PROTOTYPE_CE_BLOCK_M", bm))
-    bc = int(os.environ.get("STELLAR_PROTOTYPE_CE_BLOCK_C", bc))
+    bm = _block_knob("STELLAR_PROTOTYPE_CE_BLOCK_M", bm)
+    bc = _block_knob("STELLAR_PROTOTYPE_CE_BLOCK_C", bc)
     if interpret:  # small shapes, small tiles; on a GPU the tiles stay fixed (fewer compiled variants)
         bm, bc = min(bm, _p2(M)), min(bc, _p2(C))
     cfg = dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=min(k_cap, _p2(K)),
@@ -354,6 +355,17 @@ def _config(kind: str, M: int, C: int, K: int, dtype: torch.dtype) -> dict:
     if not interpret:
         cfg.update(num_warps=warps, num_stages=stages)
     return cfg
+
+
+def _block_knob(name: str, default: int) -> int:
+    """A block-size knob from the environment: a power of two in 16..256 (ValueError naming it)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    value = int(text) if text.isdigit() else None
+    if value not in (16, 32, 64, 128, 256):
+        raise ValueError(f"{name} must be a power of two in 16..256, got {text!r}")
+    return value
 
 
 def _split(n_tiles_other: int, n_blocks: int, block: int, programs: int) -> tuple[int, int]:
@@ -377,8 +389,9 @@ _SHRINK = ("num_stages", "BLOCK_C", "BLOCK_M")  # in this order
 
 
 def _launch_with_fallback(kind: str, M: int, C: int, K: int, dtype: torch.dtype, launch):
-    """Call `launch(cfg)`; on OutOfResources retry with fewer pipeline stages, then half the
-    prototype block, then half the row tile (down to 16), and remember the caps that worked."""
+    """Call `launch(cfg)`; on a launch failure a smaller tile can fix (out of shared memory or
+    registers) warn and retry with fewer pipeline stages, then half the prototype block, then half
+    the row tile (down to 16), and remember the caps that worked."""
     key = (kind, dtype, min(_p2(K), MAX_BLOCK_K))
     cfg = _config(kind, M, C, K, dtype)
     for name, cap in _CAPS.get(key, {}).items():
@@ -387,12 +400,17 @@ def _launch_with_fallback(kind: str, M: int, C: int, K: int, dtype: torch.dtype,
     while True:
         try:
             return launch(dict(cfg))
-        except triton.runtime.errors.OutOfResources:
-            name = next((n for n in _SHRINK if cfg.get(n, 0) > (1 if n == "num_stages" else 16)), None)
+        except Exception as exc:  # noqa: BLE001  filtered by recoverable_launch_failure, re-raised otherwise
+            name = None
+            if recoverable_launch_failure(exc):
+                name = next((n for n in _SHRINK if cfg.get(n, 0) > (1 if n == "num_stages" else 16)), None)
             if name is None:
                 raise
-            cfg[name] = cfg[name] - 1 if name == "num_stages" else cfg[name] // 2
+            old = cfg[name]
+            cfg[name] = old - 1 if name == "num_stages" else old // 2
             _CAPS.setdefault(key, {})[name] = cfg[name]
+            warnings.warn(f"stellar prototype_cross_entropy: the {kind} kernel failed to launch with {name}={old} "
+                          f"({type(exc).__name__}: {exc}); retrying with {name}={cfg[name]}", RuntimeWarning, stacklevel=4)
 
 
 def prototype_ce_forward(

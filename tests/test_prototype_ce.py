@@ -365,11 +365,21 @@ def test_triton_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypa
     monkeypatch.setattr(pt, "_fwd_kernel", SmallDevice())
     monkeypatch.setattr(pt, "_CAPS", {})
     x, W, t, index = _inputs(37, 40, 1000, 5, torch.float32, gen)
-    loss = prototype_cross_entropy(x, W, t, 0.12, index, backend="triton")
+    with pytest.warns(RuntimeWarning, match="the fwd kernel failed to launch with BLOCK_C="):
+        loss = prototype_cross_entropy(x, W, t, 0.12, index, backend="triton")
     assert seen[0] > 32 and seen[-1] == 32
     _close(loss, reference.prototype_cross_entropy(x.double(), W.double(), t.double(), 0.12, index),
            torch.float32, "loss")
     assert pt._CAPS[("fwd", torch.float32, 64)]["BLOCK_C"] == 32
+
+
+@needs_triton
+@pytest.mark.parametrize("value", ["48", "8", "sixty-four"])
+def test_triton_bad_block_knob_is_a_clear_error(monkeypatch, gen, value):
+    monkeypatch.setenv("STELLAR_PROTOTYPE_CE_BLOCK_C", value)
+    x, W, t, index = _inputs(5, 16, 40, 3, torch.float32, gen)
+    with pytest.raises(ValueError, match=rf"STELLAR_PROTOTYPE_CE_BLOCK_C must be a power of two in 16..256, got '{value}'"):
+        prototype_cross_entropy(x, W, t, 0.12, index, backend="triton")
 
 
 def test_readme_example_runs():
