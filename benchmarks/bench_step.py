@@ -233,6 +233,8 @@ def run_variant(name, cfg, state, batches, device, args, flops=None):
             check_finite(i, values, None)
             with stages.span("backward + clip + optimizer"):
                 update_with_sync(out["loss"], optimizer, clip)
+        if model.teacher is not None:
+            model.update_teacher()                               # as the trainer, after the optimizer step
         return out
 
     if device.type == "cuda":
@@ -329,6 +331,8 @@ def run_loader(model, opts, amp, train, cfg, device, args, synthetic_ms):
             norm, _ = update_without_sync(out["loss"], optimizer, train["grad_clip"]) if opts.sync_free else (
                 update_with_sync(out["loss"], optimizer, train["grad_clip"]), None)
             tracker.add(i, out, norm) if norm is not None else None
+            if model.teacher is not None:
+                model.update_teacher()
             if tracker.full:
                 tracker.read()
             if i >= 2:                                           # 2 warm-up steps

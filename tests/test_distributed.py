@@ -68,8 +68,9 @@ def assert_same_losses(got, want, rtol=2e-5, atol=1e-6):
             assert g[key] == pytest.approx(w[key], rel=rtol, abs=atol), (g["step"], key, g[key], w[key])
 
 
-def assert_same_weights(checkpoint_a, checkpoint_b, rtol=1e-3):
-    """The two runs moved the weights the same way: |w_a - w_b| <= rtol |w_b - w_0| over all weights.
+def assert_same_weights(checkpoint_a, checkpoint_b, rtol=1e-3, prefix=""):
+    """The two runs moved the weights the same way: |w_a - w_b| <= rtol |w_b - w_0| over all weights
+    (those whose names start with ``prefix``).
 
     Not element by element: AdamW's first steps are about lr * sign(gradient), so a parameter
     whose gradient is a near-cancelling sum can move by +-lr in one run and -+lr in the other
@@ -84,8 +85,10 @@ def assert_same_weights(checkpoint_a, checkpoint_b, rtol=1e-3):
     initial = build_model(load_config_of(checkpoint_a)["model"]).state_dict()
     a, b = model_a.state_dict(), model_b.state_dict()
     assert a.keys() == b.keys() == initial.keys()
-    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a]).norm().item()
-    moved = torch.cat([(b[k].float() - initial[k].float()).flatten() for k in a]).norm().item()
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys, prefix
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in keys]).norm().item()
+    moved = torch.cat([(b[k].float() - initial[k].float()).flatten() for k in keys]).norm().item()
     assert moved > 0 and diff <= rtol * moved, (diff, moved)
 
 
@@ -169,6 +172,21 @@ def test_fsdp_two_processes_match_one_process_and_resume_on_one(tmp_path, refere
                  loader_fn=GlobalBatchLoader)
     assert_same_losses(losses(out), losses(reference))
     assert_same_weights(latest_checkpoint(out), reference_checkpoint(reference, 4))
+
+
+def test_fsdp_shards_the_ema_teacher_and_matches_one_process(tmp_path):
+    """FSDP2 with the EMA teacher (sharded like the student, averaged after each optimizer step):
+    2 processes x 2 images == 1 x 4, the teacher's weights included."""
+    ema = ["model.ema={enabled: true, momentum: 0.5}", "train.steps=2"]
+    one = tmp_path / "one"
+    pretrain(config(f"train.batch_size={GLOBAL_BATCH}", *ema), one, loader_fn=GlobalBatchLoader)
+    out = tmp_path / "fsdp"
+    ok(torchrun("--nproc-per-node", "2", *worker_args(out, f"train.batch_size={GLOBAL_BATCH // 2}",
+                                                     "train.parallel=fsdp", *ema)))
+    assert is_sharded(latest_checkpoint(out))
+    assert_same_losses(losses(out), losses(one))
+    assert_same_weights(latest_checkpoint(out), latest_checkpoint(one))
+    assert_same_weights(latest_checkpoint(out), latest_checkpoint(one), prefix="teacher.")
 
 
 # --------------------------------------------------------------------------- two machines

@@ -219,6 +219,42 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert a["world_size"] == 1 and a["global_batch"] == 4
 
 
+def test_the_ema_teacher_of_each_step_is_the_public_codes(tmp_path):
+    """The trainer averages the teacher after each optimizer step; the public code does it at the
+    start of each forward. Both give step t's forward the teacher averaged up to the student's
+    weights of step t (the public code's first update averages the teacher with itself: it starts
+    as the student). Checked against that order written out here: every step's losses, and the
+    saved teacher is the one the public order's next step would use."""
+    from stellar.model import LOSS_NAMES, build_model
+    from stellar.train.step import update_without_sync
+    from stellar.train.trainer import build_optimizer, build_schedule, forward_losses, seed_everything, set_lr
+
+    cfg = tiny_config("train.steps=3", "train.checkpoint_every=3", "model.ema={enabled: true, momentum: 0.5}")
+    pretrain(cfg, tmp_path / "run", loader_fn=SyntheticLoader)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+
+    seed_everything(int(cfg["seed"]))
+    model = build_model(cfg["model"]).train()
+    start = model.teacher["encoder"].sparse_tokens.detach().clone()
+    optimizer = build_optimizer(model, cfg["train"], fused=True)
+    schedule = build_schedule(cfg["train"])
+    for step, batch in enumerate(SyntheticLoader(cfg)):
+        if step == 3:
+            break
+        set_lr(optimizer, schedule(step))
+        model.update_teacher()                                  # the public order: first, then the targets
+        out = forward_losses(model, batch, None)
+        update_without_sync(out["loss"], optimizer, cfg["train"]["grad_clip"])
+        for key in ("loss", *LOSS_NAMES):
+            value = float(out["loss"].detach() if key == "loss" else out["losses"][key])
+            assert rows[step][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step + 1, key)
+    model.update_teacher()
+    saved, _, _ = load_pretrained(tmp_path / "run")
+    for (name, want), got in zip(model.teacher.state_dict().items(), saved.teacher.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(saved.teacher["encoder"].sparse_tokens, start)          # the teacher moved
+
+
 def test_resume_with_the_real_loader_matches(tmp_path):
     from stellar.data.shapes import ensure_shapes_dataset
 

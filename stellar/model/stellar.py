@@ -16,7 +16,12 @@ The objective (STELLAR.md sections 3-6), per batch of B images:
     total = w_rec*recon + clustering_loss + cls_clustering_loss + mask_loss + cls_loss + w_koleo*koleo
 with ``koleo = koleo(full) + koleo(masked views)`` (each a mean over its images, as the public
 code). With the optional EMA teacher the targets come from a momentum copy of the encoder and
-heads applied to the second global view (the public code's choice), matched by OT.
+heads applied to the second global view (the public code's choice), matched by OT. The teacher is
+updated by ``update_teacher()``, which the training loop calls after each optimizer step (not in
+``forward``, so FSDP2 sees it outside the forward, its parameters sharded): the forward of step t
+sees the teacher averaged over the student's weights up to those step t uses, as the public code's
+update at the start of its forward gives (the teacher starts as a copy of the student, so its
+first update there changes nothing).
 
 ``forward`` is a few named pieces (each compilable with static shapes, ``compile_pieces``):
     encode_views        the three view groups through the encoder: one packed pass
@@ -226,8 +231,6 @@ class Stellar(nn.Module):
         if G:
             gh, gw = self.encoder.grid(flat_views)
             keep = self._keep_indices(batch.get("keep"), B, G, gh, gw, flat_views.device)  # B*G x n_keep
-        if self.teacher is not None and self.training:
-            self.update_teacher()
         lcfg = self.cfg["loss"]
         zero = image.new_zeros((), dtype=torch.float32)
 
@@ -433,7 +436,9 @@ class Stellar(nn.Module):
     # ------------------------------------------------------------------ EMA teacher
     @torch.no_grad()
     def update_teacher(self) -> None:
-        """teacher <- m * teacher + (1 - m) * student, over encoder and both clustering heads."""
+        """teacher <- m * teacher + (1 - m) * student, over encoder and both clustering heads.
+
+        Call it after each optimizer step (the trainer does); ``forward`` never changes the teacher."""
         if self.teacher is None:
             return
         m = self.cfg["ema"]["momentum"]

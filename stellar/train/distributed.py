@@ -224,15 +224,13 @@ def wrap_model(model: torch.nn.Module, device: torch.device, parallel: str = "dd
 
 
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each ``stellar.nn.vit.Block`` (encoder and decoder), then the root."""
+    """FSDP2: ``fully_shard`` each ``stellar.nn.vit.Block`` (encoder, decoder and an EMA teacher's
+    encoder), then the root. The teacher's shards match the student's, so ``update_teacher`` (the
+    trainer calls it after the optimizer step, outside the forward) averages shard by shard."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from stellar.nn.vit import Block
 
-    if getattr(model, "teacher", None) is not None:
-        raise ValueError("train.parallel=fsdp does not support model.ema.enabled=true: the EMA teacher is "
-                         "updated inside the forward from the student's parameters, which FSDP keeps sharded; "
-                         "use train.parallel=ddp for the EMA teacher")
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
               if param_dtype is not None else MixedPrecisionPolicy())
     for module in model.modules():

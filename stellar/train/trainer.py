@@ -405,7 +405,9 @@ def run_training(cfg: dict, out_dir: Path, device: torch.device, resume: bool, s
         convert_fp8(model)                 # before DDP/FSDP see the modules
     model = distributed.wrap_model(model, device, train["parallel"],
                                    param_dtype=amp_dtype if device.type == "cuda" else None)
-    prepare_model(getattr(model, "module", model), replace(opts, fp8=False))   # torch.compile of the pieces
+    core = getattr(model, "module", model)              # DDP's module; FSDP2 shards the model in place
+    prepare_model(core, replace(opts, fp8=False))       # torch.compile of the pieces
+    ema = getattr(core, "teacher", None) is not None
     optimizer = build_optimizer(model, train, fused=opts.fused_adamw)
     schedule = build_schedule(train)
     loader = loader_fn(cfg, rank, world)
@@ -459,6 +461,8 @@ def run_training(cfg: dict, out_dir: Path, device: torch.device, resume: bool, s
                 tracker.add(step + 1, out, norm)
                 lrs[step + 1] = lr
                 del out
+            if ema:                        # after the optimizer step: the next forward's targets see it
+                core.update_teacher()
             step += 1
             save_now = step % every == 0 or step == end
             if tracker is None:
