@@ -23,8 +23,6 @@ from pathlib import Path
 
 def cmd_pretrain(args) -> int:
     """One process, or every process of a torchrun launch (pretrain starts the process group)."""
-    import os
-
     from stellar.train import load_config, pretrain
     from stellar.train.config import merge, parse_override
     from stellar.train.trainer import saved_config
@@ -42,7 +40,7 @@ def cmd_pretrain(args) -> int:
         if not args.out:
             raise SystemExit("stellar pretrain: --out DIR is required with --config")
         result = pretrain(load_config(args.config, args.overrides), args.out)
-    if int(os.environ.get("RANK", 0)) != 0:            # under torchrun: rank 0 reports
+    if not _is_main_process():                         # under torchrun: rank 0 reports
         return 0
     print(f"done: {result.step} steps in {result.seconds:.1f} s")
     print(f"  checkpoint: {result.checkpoint}")
@@ -361,7 +359,6 @@ def run_demo(out: str | Path, overrides=(), device: str = "cpu") -> int:
     from stellar.eval.localize import evaluate_localization, masked_images
     from stellar.eval.recon import evaluate_recon, save_recon_grid
     from stellar.train import load_config, pretrain
-    from stellar.train.trainer import default_model_fn, seed_everything
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -381,8 +378,7 @@ def run_demo(out: str | Path, overrides=(), device: str = "cpu") -> int:
     loc_args = dict(image_size=size, batch_size=ev["batch_size"], device=device)
 
     print("[2/5] kNN and localization at random initialisation ...", flush=True)
-    seed_everything(int(cfg["seed"]))              # the same initial weights the run starts from
-    init_model = default_model_fn(cfg["model"]).to(device)
+    init_model = _initial_model(cfg, device)       # the same initial weights the run starts from
     knn_init = evaluate_knn(init_model, root, **knn_args)
     loc_init = evaluate_localization(init_model, val_masks, **loc_args)
     del init_model
