@@ -50,8 +50,8 @@ def indexed_prototype_cross_entropy(features: Tensor, prototypes: Tensor, target
         CE_m = sum_c t_c * (lse_m - l_mc) = lse_m * sum_c t_c - (t @ W)_m . z_m / T
     with l = z W^T / T, t = targets[idx(m)]: the target term needs only ``targets @ W`` ([T, K],
     K the bottleneck width) indexed per row. The logits [M, C] are still formed once for the
-    log-sum-exp (the fused kernel of stellar.kernels avoids that too); this is the form the
-    model uses when that op does not import.
+    log-sum-exp (the fused kernel of stellar.kernels avoids that too). A plain form independent
+    of that op and of its reference: tests/test_model.py checks the model's wiring with it.
 
     features Tensor[M, K] (normalised), prototypes Tensor[C, K], targets Tensor[T, C] (no
     gradient), target_index LongTensor[M] in [0, T) or None (T == M). Returns the mean over rows,

@@ -48,18 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import warnings
-
 from stellar.losses.clustering import sinkhorn_knopp, soft_cross_entropy
 from stellar.losses.koleo import koleo_loss
 from stellar.losses.matching import match_tokens
 from stellar.losses.reconstruction import pixel_loss, token_loss
 from stellar.model.decoder import HEADS, Decoder
 from stellar.model.encoder import SparseTokenEncoder
-from stellar.model.heads import ClusteringHead, indexed_prototype_cross_entropy
+from stellar.model.heads import ClusteringHead
 from stellar.model.masking import num_keep, sample_keep_indices
 from stellar.nn.factorization import SpatialSemanticFactorization
-from stellar.nn.vit import ATTENTION_BACKENDS, VisionTransformer, resolve_attention, vit_preset
+from stellar.nn.vit import ATTENTION_BACKENDS, VisionTransformer, vit_preset
 
 __all__ = ["Stellar", "DEFAULT_CONFIG", "resolve_config", "LOSS_NAMES"]
 
@@ -470,29 +468,14 @@ def _rows(B: int, per: int, device: torch.device) -> Tensor:
     return torch.arange(B * per, device=device) // per
 
 
-_fused_warned = False
-
-
 def _prototype_ce_fn(fused):
     """The prototype cross-entropy behind ``model.clustering.fused``: None for ``false`` (the public
     structure), else stellar.kernels.prototype_cross_entropy (its Triton kernels on CUDA, its
-    reference elsewhere); ``auto`` without that op: the indexed twin in stellar.model.heads, with
-    a warning."""
-    global _fused_warned
+    reference elsewhere; on CUDA without Triton it warns and runs the reference)."""
     if fused is False:
         return None
-    try:
-        from stellar.kernels import prototype_cross_entropy
-    except ImportError as exc:
-        if fused is True:
-            raise RuntimeError("model.clustering.fused=true needs stellar.kernels.prototype_cross_entropy, "
-                               f"which does not import here ({exc})") from exc
-        if not _fused_warned:
-            _fused_warned = True
-            warnings.warn("model.clustering.fused=auto: stellar.kernels.prototype_cross_entropy does not import "
-                          f"({exc}); the clustering losses use the indexed PyTorch form (same values, [M, C] logits "
-                          "in memory)", stacklevel=3)
-        return indexed_prototype_cross_entropy
+    from stellar.kernels import prototype_cross_entropy
+
     return prototype_cross_entropy
 
 
