@@ -200,8 +200,9 @@ def next_batch(batches: Iterator[dict]) -> dict:
 # --------------------------------------------------------------------------- the step
 
 def forward_losses(model: torch.nn.Module, batch: Mapping, amp_dtype: torch.dtype | None) -> dict:
-    """The model's training forward under autocast (bf16 on CUDA) or in fp32."""
-    device_type = next(iter(v for v in batch.values() if torch.is_tensor(v))).device.type
+    """The model's training forward under autocast (bf16 on CUDA) or in fp32, on the device of
+    ``batch["image"]`` (``keep`` and the other HOST_KEYS of step.py stay on the host)."""
+    device_type = batch["image"].device.type
     ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with ctx:
         return model(batch)
