@@ -81,9 +81,8 @@ def test_gaussian_variant_concentrates_kept_patches(gen):
 
 
 def test_gaussian_centre_is_a_grid_cell():
-    """The blob's centre is an integer cell: with a tiny sigma the kept patches of a view whose
-    focal bias applies all sit in the centre cell's neighbourhood, and the most-kept patch over
-    many single-patch views is exactly a cell (the bias peaks at 1 there)."""
+    """The blob's centre is an integer cell: every view's bias peaks at exactly exp(0) = 1 on a
+    patch (a centre between cells would peak below 1), and the centres spread over the grid."""
     gen = torch.Generator().manual_seed(0)
     from stellar.model import masking
 
