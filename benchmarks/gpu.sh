@@ -15,7 +15,7 @@
 #   kernel_tests  tests/test_factorize*.py and test_prototype_ce.py whole, Triton for real (no
 #                 TRITON_INTERPRET), in 8 pytest-xdist workers where xdist is installed: each
 #                 first launch of a kernel configuration compiles (~0.5 s of CPU per binary;
-#                 the factorization tests alone touch a few hundred)
+#                 the tests touch ~200: benchmarks/RESULTS.md)
 #   gpu_tests     the CUDA tests of the multi-crop op, the build, the step (no-sync, prefetch,
 #                 fast model vs reference), the loaders and the decoders (-k cuda/gpu/...)
 #   step          benchmarks/bench_step.py, reference vs each lever vs fast (the headline)
