@@ -158,28 +158,29 @@ NOTES+=("DALI: $("$PY" -c "from stellar.data.dali import dali_status; ok, why = 
 # -rfEs: the reasons of every skip (a missing package, no second GPU) land in the log.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15)
-part kernel_tests 110 "grep -E '(passed|failed|error)' '$LOGS/kernel_tests.log' | tail -1" -- \
+part kernel_tests "${KT_BUDGET_S:-110}" "grep -E '(passed|failed|error)' '$LOGS/kernel_tests.log' | tail -1" -- \
   "${PYTEST[@]}" $XDIST tests/test_factorize.py tests/test_factorize_compile.py tests/test_prototype_ce.py
 
 TESTS="tests/test_multicrop_op.py tests/test_build.py tests/test_step.py tests/test_loader.py tests/test_backends.py \
 tests/test_dali.py tests/test_odd_images.py"
 existing=$(for f in $TESTS; do [ -f "$f" ] && echo "$f"; done)
-part gpu_tests 100 "grep -E '(passed|failed|error)' '$LOGS/gpu_tests.log' | tail -1" -- \
+part gpu_tests "${GT_BUDGET_S:-100}" "grep -E '(passed|failed|error)' '$LOGS/gpu_tests.log' | tail -1" -- \
   "${PYTEST[@]}" $existing -k "cuda or gpu or CUDA or GPU or triton or sync or prefetch"
 
 others=$(ls benchmarks/gpu_*.sh 2>/dev/null | grep -v -E 'gpu_(factorization|multicrop|wheels)\.sh' || true)
 # The step benchmark is the headline: what is left but ~200 s for the kernel benchmarks, at most
 # 240 s, at least 150 s (then the kernel benchmarks get what remains).
-step_budget=$(( $(left) - 200 ))
+step_budget=$(( $(left) - ${KERNEL_BENCH_S:-200} ))
 [ "$step_budget" -gt 240 ] && step_budget=240
-[ "$step_budget" -lt 150 ] && step_budget=150
+[ "$step_budget" -lt 120 ] && step_budget=120
 [ "$step_budget" -gt "$(left)" ] && step_budget=$(left)   # the script's own budget follows the part's
 # shellcheck disable=SC2086
 part step "$step_budget" "'$PY' benchmarks/bench_step.py --headline '$LOGS/step.json'" -- \
   "$PY" benchmarks/bench_step.py --json "$LOGS/step.json" --budget-s $(( step_budget * 55 / 100 )) ${STEP_ARGS:-}
 
 fact_budget=$([ "${FACT_TUNE:-0}" = 1 ] && echo 240 || echo 130)
-[ "$fact_budget" -gt "$(left)" ] && fact_budget=$(left)
+[ "$fact_budget" -gt $(( $(left) - 60 )) ] && fact_budget=$(( $(left) - 60 ))   # leave the prototype CE and multi-crop a minute
+[ "$fact_budget" -lt 40 ] && fact_budget=40
 part factorization "$fact_budget" "grep -m1 -E '^correctness:' '$LOGS/factorization.log'" -- \
   env SKIP_TESTS=1 SKIP_REPORT=1 TUNE="${FACT_TUNE:-0}" BENCH_K="B128-N196-D768 or decoder_projection" \
   FACT_BUDGET_S=$(( fact_budget - 10 )) OUT="$LOGS/factorization" \
