@@ -149,8 +149,12 @@ if [ -n "${GPU_CARRIED:-}" ] && wanted wheels; then
 fi
 export_results
 
-BUILD='set -e
-MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "stellar setup|rror|Successfully" || true
+# --use-pep517: without it, pip (no pyproject.toml) runs setuptools' legacy `develop`, which on
+# setuptools >= 80 calls pip again *with* build isolation, i.e. the registry (seen on the lent H200).
+BUILD='set -eo pipefail
+MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . 2>&1 \
+  | { grep -E "stellar setup|rror|Successfully" || true; }
+"$PY" -c "import stellar.kernels, stellar._C" || { echo "build: stellar.kernels / stellar._C do not import"; exit 1; }
 "$PY" -m stellar.info'
 part build 150 "grep -m1 -E 'xformers' '$LOGS/build.log'" -- env PY="$PY" bash -c "$BUILD"
 NOTES+=("DALI: $("$PY" -c "from stellar.data.dali import dali_status; ok, why = dali_status(); print(__import__('nvidia.dali').dali.__version__ if ok else 'not usable: ' + str(why))" 2>&1 | tail -1)")

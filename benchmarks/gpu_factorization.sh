@@ -56,7 +56,7 @@ step() {  # step NAME BUDGET_S COMMAND...: run under timeout, log to $OUT/NAME.l
 
 if ! "$PY" -c "import stellar.kernels" 2>/dev/null; then
   echo "== installing stellar (editable, no deps)"
-  STELLAR_SKIP_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
+  STELLAR_SKIP_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps --use-pep517 -e . >"$OUT/install.log" 2>&1 \
     || { echo "install failed: see $OUT/install.log"; tail -20 "$OUT/install.log"; exit 1; }
 fi
 "$PY" - <<'EOF' | tee -a "$OUT/env.txt"

@@ -12,7 +12,7 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "== build (prints what it builds)"
-  MAX_JOBS=${MAX_JOBS:-8} $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "stellar setup|error|Successfully" || true
+  MAX_JOBS=${MAX_JOBS:-8} $PY -m pip install --no-build-isolation --no-deps --use-pep517 -e . 2>&1 | grep -E "stellar setup|error|Successfully" || true
 fi
 $PY -c "from stellar._ext import extension_info as i; d = i(); print(d); assert d['cuda'] and not d['error'], d"
 
