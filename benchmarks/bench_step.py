@@ -52,7 +52,7 @@ from stellar.train.config import load_config, merge  # noqa: E402
 from stellar.train.step import (LossTracker, StepOptions, build_optimizer, prepare_model,  # noqa: E402
                                 update_with_sync, update_without_sync)
 from stellar.train.synthetic import SyntheticLoader  # noqa: E402
-from stellar.train.trainer import autocast_dtype, check_finite, forward_losses, loss_values  # noqa: E402
+from stellar.train.trainer import autocast_dtype, check_finite, forward_losses, loss_values, pick_device  # noqa: E402
 
 # Dense bf16 matrix peak, TFLOP/s (vendor figures, no sparsity).
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -405,8 +405,7 @@ def main(argv=None) -> int:
     if args.headline:
         print(headline(args.headline))
         return 0
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)  # CUDA always with an index (torch 2.11's set_device needs one)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)

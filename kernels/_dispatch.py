@@ -16,8 +16,13 @@ BACKENDS = ("auto", "triton", "torch")
 _WARNED_NO_TRITON: set = set()
 
 
+# Looked up once at import: torch.compile cannot trace importlib.util.find_spec (a graph break,
+# an error under fullgraph=True, seen on the H200), and the answer does not change in a process.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:
