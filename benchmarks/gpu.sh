@@ -33,7 +33,9 @@
 # set (a lent machine returns that folder, at most 8 files), after every part: $OUT/results.md,
 # $OUT/gpu_logs.tar.gz (the logs and JSON) and, when the sweep ran, $OUT/factorize_tiles.py.
 # Knobs: PYTHON (default python, else python3), GPU_LOGS (default runs/gpu/<UTC time>),
-# GPU_BUDGET_S (total, default 540), GPU_PARTS (only these, e.g. "build step"), GPU_CARRIED,
+# GPU_BUDGET_S (total, default 540), GPU_PARTS (only these, e.g. "build step"), GPU_CARRIED, KT_FILES
+# (the kernel test files), KT_BUDGET_S / GT_BUDGET_S (the test parts' budgets), KERNEL_BENCH_S (kept
+# for the kernel benchmarks after the step),
 # STEP_ARGS (extra bench_step.py arguments), FACT_TUNE=1, STELLAR_COMMIT (the commit, where the
 # copy has no .git, as on a lent machine).
 set -uo pipefail
@@ -163,7 +165,7 @@ NOTES+=("DALI: $("$PY" -c "from stellar.data.dali import dali_status; ok, why = 
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15)
 part kernel_tests "${KT_BUDGET_S:-110}" "grep -E '(passed|failed|error)' '$LOGS/kernel_tests.log' | tail -1" -- \
-  "${PYTEST[@]}" $XDIST tests/test_factorize.py tests/test_factorize_compile.py tests/test_prototype_ce.py
+  "${PYTEST[@]}" $XDIST ${KT_FILES:-tests/test_factorize.py tests/test_factorize_compile.py tests/test_prototype_ce.py}
 
 TESTS="tests/test_multicrop_op.py tests/test_build.py tests/test_step.py tests/test_loader.py tests/test_backends.py \
 tests/test_dali.py tests/test_odd_images.py"

@@ -30,12 +30,24 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 # ----------------------------------------------------------------------------- the custom ops
 
 
+def _on_one_device(features: Tensor, **others: Tensor | None) -> None:
+    """The ops called directly (the public function checks more): every tensor on features'
+    device, else a ValueError naming it (a CPU tensor would otherwise reach a GPU kernel as a
+    pointer Triton cannot read)."""
+    for name, t in others.items():
+        if t is not None and t.device != features.device:
+            raise ValueError(f"prototype_cross_entropy: {name} is on {t.device}, features on {features.device}: "
+                             "every tensor must be on one device")
+
+
 @torch.library.custom_op("stellar::prototype_ce_fwd", mutates_args=())
 def _prototype_ce_fwd(
     features: Tensor, prototypes: Tensor, targets: Tensor, target_index: Tensor | None, temperature: float
 ) -> tuple[Tensor, Tensor]:
     """(loss fp32 [], stats fp32 [3, M]: per row the log-sum-exp in two parts and the target sum)."""
     from .prototype_ce_triton import prototype_ce_forward
+
+    _on_one_device(features, prototypes=prototypes, targets=targets, target_index=target_index)
 
     return prototype_ce_forward(features, prototypes, targets, target_index, temperature)
 
@@ -54,6 +66,9 @@ def _prototype_ce_bwd(
 ) -> tuple[Tensor, Tensor]:
     """(d_features [M, K] or [0], d_prototypes [C, K] or [0]): only the gradients asked for run."""
     from .prototype_ce_triton import prototype_ce_backward
+
+    _on_one_device(features, grad=grad, prototypes=prototypes, targets=targets, target_index=target_index,
+                   stats=stats)
 
     return prototype_ce_backward(grad, features, prototypes, targets, target_index, stats, temperature,
                                  need_features, need_prototypes)

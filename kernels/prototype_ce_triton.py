@@ -19,9 +19,11 @@ rows of dS sum to zero for any targets, as the loss ignores a shift of a row's l
 Forward, `_fwd_kernel`: one program per (tile of BLOCK_M rows, range of prototypes). It streams
 the prototypes in blocks of BLOCK_C, computes the [BLOCK_M, BLOCK_C] logits with `tl.dot` (fp32
 accumulation), and keeps per row, in fp32 and base 2, the running max, the sum of exponentials
-below it, the target-weighted logit sum relative to it and the target sum. Keeping both sums
-relative to the max makes the loss, sum_c t_c (lse - S_c), a difference of small numbers (as
-log_softmax is) instead of two logit-sized ones. The target rows are gathered by index inside
+below it, the target-weighted logit sum and the target sum. The launcher takes the target-weighted
+sum relative to the overall max (tsum * max) before anything else, so the loss,
+sum_c t_c (lse - S_c), adds small numbers (as log_softmax does) and loses ~eps |max| per row to
+that one cancellation. (The kernel cannot carry it relative to the running max: see the loop for
+the Triton pass that miscompiled that on the H200.) The target rows are gathered by index inside
 the kernel. Each program writes four fp32 numbers per row; with more than one range of
 prototypes per row tile (few rows: M = 2048 gives only 16 tiles of 128), the launcher merges
 the ranges onto the overall max, on [splits, M] tensors.
@@ -162,8 +164,14 @@ def _fwd_kernel(
         l_i = l_i * tl.exp2(shift) + tl.sum(p, axis=1)
         t = tl.load(t_base[:, None] + cols[None, :] * stride_tc, mask=t_ok[:, None] & mask_c[None, :],
                     other=0.0).to(tl.float32)
-        # kept relative to the running max, so the loss is a difference of small numbers
-        tdot = tdot + tsum * shift + tl.sum(t * (s2 - m_new[:, None]), axis=1)
+        # <t, s> itself (base 2), made relative to the max by the launcher. Triton turns a loop's
+        # `acc += tl.sum(x, axis=1)` into thread-local partial sums reduced after the loop
+        # (TritonGPUOptimizeThreadLocality): such an accumulator must not be read inside the loop
+        # nor used twice after it. Carrying <t, s - running max> (tdot + tsum * shift + ...) read
+        # tsum inside the loop, and on the H200 (triton 3.6) the loss came out 6% low at C 16384,
+        # as if tsum * shift were 0 (the interpreter, and one block per program, were right);
+        # `tdot - tsum * m_i` here fails to compile (assertion loopResult.hasOneUse()).
+        tdot += tl.sum(t * s2, axis=1)
         tsum += tl.sum(t, axis=1)
         m_i = m_new
 
@@ -439,7 +447,7 @@ def prototype_ce_forward(
     def launch(cfg):
         n_m = triton.cdiv(M, cfg["BLOCK_M"])
         splits, c_per_split = _split(n_m, triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_C"], _target_programs(dev))
-        part = torch.empty(splits, 4, M, device=dev, dtype=torch.float32)  # max, log2 sum, <t, s - max>, sum t
+        part = torch.empty(splits, 4, M, device=dev, dtype=torch.float32)  # max, log2 sum, <t, s>, sum t
         _fwd_kernel[(n_m, splits)](
             features, prototypes, targets, index, part,
             M, C, K, T,
@@ -451,17 +459,16 @@ def prototype_ce_forward(
 
     with device_guard(dev):
         part = _launch_with_fallback("fwd", M, C, K, features.dtype, launch)
-    row_max, log_sum, tdot, tsum = part.unbind(1)  # each [splits, M]
+    row_max, log_sum, tdot, tsum = part.unbind(1)  # each [splits, M]; tdot = <t, s> (base 2)
     if part.shape[0] > 1:  # merge the prototype ranges onto the overall max
         overall = row_max.amax(0)
-        shift = row_max - overall  # <= 0
-        log_sum = torch.log2(torch.exp2(log_sum + shift).sum(0))
-        tdot = (tdot + tsum * shift).sum(0)
-        row_max, tsum = overall, tsum.sum(0)
+        log_sum = torch.log2(torch.exp2(log_sum + (row_max - overall)).sum(0))
+        row_max, tdot, tsum = overall, tdot.sum(0), tsum.sum(0)
     else:
         row_max, log_sum, tdot, tsum = row_max[0], log_sum[0], tdot[0], tsum[0]
-    # loss_m = sum_c t_c (lse - S_c) = ln2 (tsum log2(sum) - <t, s - max>)
-    loss = (tsum * log_sum - tdot).sum() * (math.log(2.0) / M)
+    # loss_m = sum_c t_c (lse - S_c) = ln2 (tsum log2(sum) - <t, s - max>): the large terms
+    # (max, ~|s|) cancel in fp32 before the small ones are added (error ~eps |max| per row)
+    loss = (tsum * log_sum - (tdot - tsum * row_max)).sum() * (math.log(2.0) / M)
     return loss, torch.stack([row_max, log_sum, tsum])
 
 

@@ -219,7 +219,7 @@ def test_triton_custom_op_registration(gen):
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(
             torch.ops.stellar.prototype_ce_bwd.default,
-            (torch.tensor(0.7), x.detach(), W.detach(), t, index, stats.detach(), 0.5, *need),
+            (torch.tensor(0.7, device=x.device), x.detach(), W.detach(), t, index, stats.detach(), 0.5, *need),
             test_utils=("test_schema", "test_faketensor"),
         )
 
@@ -302,11 +302,25 @@ def test_bad_index_and_options_name_the_argument():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [None, 9])
+def test_triton_one_program_loops_over_every_prototype_block(monkeypatch, gen, dtype, T):
+    """One prototype range per row tile (no split), so each program's online log-sum-exp and
+    target product run over many blocks with a rising max. On a 132-SM GPU the usual shapes
+    split C into one block per program, which hid a loss 6% low (the H200, triton 3.6)."""
+    from stellar.kernels import prototype_ce_triton as pt
+
+    monkeypatch.setattr(pt, "_target_programs", lambda device: 1)
+    x, W, t, index = _inputs(40, 32, 2000, T, dtype, gen)
+    _check_against_reference(x, W, t, index, dtype, gen)
+
+
+@needs_triton
 def test_triton_bad_index_never_reaches_the_kernel_read(gen):
     """Called below the range check, an out-of-range index reads no targets (its row counts a
     zero target), rather than memory outside them."""
     x, W, t, _ = _inputs(6, 16, 7, 4, torch.float32, gen)
-    index = torch.tensor([0, 1, 9, 3, -2, 2])
+    index = torch.tensor([0, 1, 9, 3, -2, 2], device=x.device)
     loss, stats = torch.ops.stellar.prototype_ce_fwd(x, W, t, index, 0.12)
     want = t.double().sum(1)[index.clamp(0, 3)] * ((index >= 0) & (index < 4))
     torch.testing.assert_close(stats[2].double(), want, rtol=1e-6, atol=0)
@@ -352,12 +366,12 @@ def test_triton_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypa
     real = pt._fwd_kernel
     seen = []
 
-    class SmallDevice:
+    class SmallDevice:  # too small for the first prototype block the launcher picks (any stage count)
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 seen.append(kwargs["BLOCK_C"])
-                if kwargs["BLOCK_C"] > 32:
-                    raise triton.runtime.errors.OutOfResources(kwargs["BLOCK_C"] * 1024, 32 * 1024, "shared memory")
+                if kwargs["BLOCK_C"] >= seen[0]:
+                    raise triton.runtime.errors.OutOfResources(kwargs["BLOCK_C"] * 1024, 16 * 1024, "shared memory")
                 return real[grid](*args, **kwargs)
 
             return launch
@@ -367,10 +381,10 @@ def test_triton_launch_retries_with_smaller_tiles_when_out_of_resources(monkeypa
     x, W, t, index = _inputs(37, 40, 1000, 5, torch.float32, gen)
     with pytest.warns(RuntimeWarning, match="the fwd kernel failed to launch with BLOCK_C="):
         loss = prototype_cross_entropy(x, W, t, 0.12, index, backend="triton")
-    assert seen[0] > 32 and seen[-1] == 32
+    assert seen[0] >= 32 and seen[-1] == seen[0] // 2  # fewer stages first on a GPU, then the block
     _close(loss, reference.prototype_cross_entropy(x.double(), W.double(), t.double(), 0.12, index),
            torch.float32, "loss")
-    assert pt._CAPS[("fwd", torch.float32, 64)]["BLOCK_C"] == 32
+    assert pt._CAPS[("fwd", torch.float32, 64)]["BLOCK_C"] == seen[0] // 2
 
 
 @needs_triton
