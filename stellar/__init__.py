@@ -21,8 +21,30 @@ def _register_ops() -> None:
     ops.load_if_built()
 
 
-def _register_after_torch() -> None:
+# The modules _register_ops() runs; when `import torch` executes torch from inside one of them
+# (`import stellar._ext` first), the registration waits for that module's last line.
+_REGISTRATION_MODULES = ("stellar.ops", "stellar._ext")
+_deferred = False
+
+
+def _initializing(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def _register_when_whole(name: str) -> None:
+    """Called on the last line of each module in _REGISTRATION_MODULES: the registration a torch
+    import inside them deferred, now that `name` is whole."""
+    if _deferred:
+        _register_after_torch(whole=name)
+
+
+def _register_after_torch(whole: str = "") -> None:
     """_register_ops() once torch has been imported; a failure warns, never breaks `import torch`."""
+    global _deferred
+    _deferred = any(_initializing(n) for n in _REGISTRATION_MODULES if n != whole)
+    if _deferred:
+        return
     try:
         _register_ops()
     except Exception as exc:

@@ -100,3 +100,8 @@ def extension_info() -> dict:
     info["arch_list"] = [a for a in re.split(r"[;\s]+", module.CUDA_ARCH_LIST) if a]
     info["torch_built"] = module.TORCH_VERSION
     return info
+
+
+# Last line: `import stellar._ext` before torch ran torch's import hook (stellar/__init__.py) above;
+# the ops it registers need this module whole.
+__import__("stellar")._register_when_whole(__name__)

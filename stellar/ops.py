@@ -62,3 +62,8 @@ def multicrop(
     """
     _ensure_loaded()
     return torch.ops.stellar.multicrop(list(images), crops, size, dtype, normalize)
+
+
+# Last line: `import stellar.ops` before torch ran torch's import hook (stellar/__init__.py) above;
+# the ops it registers need this module whole.
+__import__("stellar")._register_when_whole(__name__)

@@ -98,6 +98,24 @@ def test_import_stellar_makes_torch_ops_stellar_available(order):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
 
+@pytest.mark.parametrize("first", ["stellar._ext", "stellar.ops", "stellar.kernels"])
+def test_a_submodule_imported_first_registers_every_op_without_a_warning(first):
+    """`import stellar._ext` first (as gpu_multicrop.sh does) runs torch from inside that module:
+    the registration the import hook then makes must find it whole (it warned 'partially
+    initialized module' and left torch.ops.stellar.* unregistered)."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\nimport torch\n"
+            "for name in ('multicrop', 'factorize_fwd', 'factorize_bwd', 'prototype_ce_fwd'):\n"
+            "    getattr(torch.ops.stellar, name)\nprint('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    assert "not registered" not in run.stderr, run.stderr
+
+
 def test_the_import_hook_survives_a_probe_and_never_breaks_torch():
     """`importlib.util.find_spec("torch")` before `import torch` (how libraries check that torch is
     installed) leaves the hook armed: the ops are still registered when torch is imported. A
