@@ -80,6 +80,53 @@ def _write_build_info(defines):
     return folder
 
 
+def _links_shared_libstdcxx(cxx):
+    """True when the C++ compiler `cxx` (a command line) links a shared library against
+    libstdc++.so.6 rather than a private copy of libstdc++.a: a probe that throws is linked and
+    its NEEDED entries read (readelf). True as well when that cannot be told (no compiler or
+    readelf here: the build then fails or succeeds on its own)."""
+    import shlex
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write('#include <stdexcept>\nvoid stellar_probe(int x) { if (x) throw std::runtime_error("x"); }\n')
+        try:
+            subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], check=True,
+                           capture_output=True, timeout=120)
+            needed = subprocess.run(["readelf", "-d", lib], check=True, capture_output=True,
+                                    text=True, timeout=60).stdout
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return True
+    return "libstdc++" in needed
+
+
+def _use_a_compiler_with_shared_libstdcxx():
+    """stellar._C must share the process's C++ runtime (libstdc++.so.6, torch's). A compiler that
+    finds only libstdc++.a links a private copy into _C (its own __cxa_throw,
+    __gxx_personality_v0, __cxa_begin_catch): then every c10::Error raised through _C's frames
+    (any TORCH_CHECK of the op, bad crop rows included) kills the process with SIGSEGV instead
+    of raising RuntimeError. Seen on a lent H200 whose CXX=/opt/gcc/bin/g++ wrapper passes
+    -B/opt/gcc/...; /usr/bin/g++ (the same GCC 13) there builds an _C that raises cleanly.
+    Switches CXX/CC to the system compiler, saying so, or raises when there is none."""
+    cxx = os.environ.get("CXX", "c++")
+    if _links_shared_libstdcxx(cxx):
+        return
+    for other_cxx, other_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):
+        if os.path.isfile(other_cxx) and os.path.isfile(other_cc) and _links_shared_libstdcxx(other_cxx):
+            _say(f"WARNING: CXX={cxx} finds no shared libstdc++ (it would link libstdc++ statically "
+                 "into stellar._C, and every error the op raises would crash the process with "
+                 f"SIGSEGV): building with CXX={other_cxx} CC={other_cc} instead")
+            os.environ.update(CXX=other_cxx, CC=other_cc, NVCC_CCBIN=other_cc)
+            return
+    raise RuntimeError(
+        f"CXX={cxx} finds no shared libstdc++ (a probe library it links does not need "
+        "libstdc++.so.6), so it would link libstdc++ statically into stellar._C and every error the op raises would crash the "
+        "process (SIGSEGV); set CXX and CC to a compiler that links the shared libstdc++")
+
+
 def _extensions():
     """The C++/CUDA extension stellar._C from csrc/ (see the knobs at the top)."""
     if _truthy("STELLAR_SKIP_EXT"):
@@ -154,6 +201,7 @@ def _extensions():
         library_dirs=library_dirs,
         extra_compile_args=extra,
     )
+    _use_a_compiler_with_shared_libstdcxx()
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

@@ -60,8 +60,29 @@ def load():
             f"stellar._C (built for torch {built_for or 'unknown'}, running {running}) failed to "
             f"load: {e}; {_REBUILD}"
         ) from e
+    if _has_private_cxx_runtime(path):
+        raise ExtensionError(
+            f"stellar._C ({path}) carries its own copy of the C++ runtime (libstdc++ was linked "
+            "statically: its __cxa_throw is not libstdc++.so.6's), so any error the op raises "
+            "would crash the process with SIGSEGV instead of a RuntimeError; rebuild it with a "
+            f"compiler that links the shared libstdc++ (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc): {_REBUILD}"
+        )
     _module = module
     return module
+
+
+def _has_private_cxx_runtime(path: str) -> bool:
+    """True when the loaded shared object resolves __cxa_throw to a copy of its own rather than
+    libstdc++.so.6's (a statically linked libstdc++; C++ exceptions crossing it then segfault).
+    False when that cannot be told (no libstdc++.so.6 in the process, e.g. another C++ runtime)."""
+    import ctypes
+
+    try:
+        ours = ctypes.CDLL(path)["__cxa_throw"]
+        shared = ctypes.CDLL("libstdc++.so.6")["__cxa_throw"]
+    except (OSError, AttributeError):
+        return False
+    return ctypes.cast(ours, ctypes.c_void_p).value != ctypes.cast(shared, ctypes.c_void_p).value
 
 
 def is_available() -> bool:

@@ -4,6 +4,8 @@ The reference runs in float64 on the same rows; the op computes in float32, so f
 agree to ~1e-5 (normalized values, ~5e-6 in [0, 1]).
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -335,6 +337,22 @@ def _set(rows, col, value):
     rows = rows.clone()
     rows[0, col] = value
     return rows
+
+
+def test_a_private_cxx_runtime_is_told_apart(tmp_path):
+    """_ext.load refuses a stellar._C with libstdc++ linked in statically (its own __cxa_throw):
+    such a build (CXX=/opt/gcc/bin/g++ on a lent H200) segfaulted on every error the op raised.
+    Both kinds of library are built here and told apart; the built extension shares libstdc++."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ here to build the probe libraries")
+    src = tmp_path / "probe.cpp"
+    src.write_text('#include <stdexcept>\nextern "C" void probe(int x) { if (x) throw std::runtime_error("x"); }\n')
+    for flags, private in (([], False), (["-static-libstdc++"], True)):
+        lib = tmp_path / f"probe{len(flags)}.so"
+        subprocess.run([gxx, "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True)
+        assert _ext._has_private_cxx_runtime(str(lib)) is private, flags
+    assert not _ext._has_private_cxx_runtime(_ext._library_path())
 
 
 def test_auto_backend_warns_when_the_extension_is_missing(monkeypatch):
