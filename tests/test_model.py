@@ -558,8 +558,8 @@ def test_residual_bf16_keeps_the_stream_16_bit_under_autocast(gen):
 
 
 def test_fused_auto_uses_the_op_on_cuda_only(gen):
-    """clustering.fused: auto goes through the op for CUDA tensors, keeps the public structure on
-    the CPU; true takes the op everywhere; false never."""
+    """clustering.fused: auto goes through the op for CUDA tensors while the pieces run eager,
+    keeps the public structure on the CPU and once compiled; true takes the op everywhere; false never."""
     calls = []
     model = _model(gen)
     op = model._prototype_ce
@@ -573,5 +573,9 @@ def test_fused_auto_uses_the_op_on_cuda_only(gen):
     from types import SimpleNamespace
     model.cfg["clustering"]["fused"] = "auto"
     assert model._fused_ce(SimpleNamespace(is_cuda=True)) and not model._fused_ce(torch.zeros(1))
+    model.compile_pieces(backend="eager")                        # compiled: inductor fuses the plain loss faster
+    assert not model._fused_ce(SimpleNamespace(is_cuda=True))
+    model.cfg["clustering"]["fused"] = True
+    assert model._fused_ce(SimpleNamespace(is_cuda=True))
     model._prototype_ce = None                                   # fused: false
     assert not model._fused_ce(SimpleNamespace(is_cuda=True))
