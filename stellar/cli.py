@@ -542,15 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "check"]:   # its own parser takes every remaining argument, --help included;
+        from stellar.data.check import main as check_main   # before the imports below (torch): it starts fast
+
+        return check_main(argv[2:])
     from stellar.train.config import ConfigError
     from stellar.train.distributed import RankLostError
     from stellar.train.trainer import NonFiniteLossError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["data", "check"]:   # its own parser takes every remaining argument, --help included
-        from stellar.data.check import main as check_main
-
-        return check_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -85,7 +85,10 @@ def default_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     local = os.environ.get("LOCAL_RANK")
-    if local is not None and local.isdigit() and int(local) < torch.cuda.device_count():
+    if local is not None and local.isdigit():
+        if int(local) >= torch.cuda.device_count():   # as the trainer's pick_device: never a shared GPU
+            raise RuntimeError(f"LOCAL_RANK={local} but this machine shows {torch.cuda.device_count()} GPUs: "
+                               "start at most that many processes per machine (--nproc_per_node)")
         return torch.device("cuda", int(local))
     return torch.device("cuda", torch.cuda.current_device())
 
