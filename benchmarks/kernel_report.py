@@ -32,6 +32,7 @@ launch, or fewer programs per SM than the entry asks for.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import glob
@@ -219,6 +220,41 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_x]+)*)")
 SASS_COUNTED = ("HGMMA", "HMMA", "FFMA", "LDL", "STL", "DFMA", "DMUL", "DADD", "MUFU.RCP64H")
+
+
+def _is_tl_sum(node) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "sum"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl")
+
+
+def thread_local_hazards(source: str, filename: str = "<kernel>") -> list[str]:
+    """Loop accumulators `acc += tl.sum(x, axis)` (or `acc = acc + tl.sum(...)`) that the same loop
+    also reads elsewhere: "file:line: name".
+
+    Triton's TritonGPUOptimizeThreadLocality pass keeps such an accumulator as per-thread
+    partials, reduced after the loop; a read inside the loop then gets a wrong value. Seen on the
+    H200 (triton 3.6) in the prototype CE forward, whose `tdot + tsum * shift` compiled, in the
+    sm_90 TTGIR of triton 3.8 too, to `shift * <the zeros tsum started from>`: the loss was 6 %
+    low. The interpreter runs the Python as written, so only a compile shows it; this reads the
+    source instead (no GPU, no compile)."""
+    found = []
+    for loop in (n for n in ast.walk(ast.parse(source, filename)) if isinstance(n, ast.For)):
+        accumulators = {}
+        for node in ast.walk(loop):
+            if (isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add)
+                    and isinstance(node.target, ast.Name) and _is_tl_sum(node.value)):
+                accumulators[node.target.id] = 0       # the target is a Store: no read of its own
+            elif (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                  and isinstance(node.value, ast.BinOp) and isinstance(node.value.op, ast.Add)):
+                name, sides = node.targets[0].id, (node.value.left, node.value.right)
+                if any(isinstance(a, ast.Name) and a.id == name for a in sides) and any(_is_tl_sum(b) for b in sides):
+                    accumulators[name] = 1             # `acc = acc + tl.sum(...)` reads acc once
+        for name, own in accumulators.items():
+            reads = [n for n in ast.walk(loop) if isinstance(n, ast.Name) and n.id == name
+                     and isinstance(n.ctx, ast.Load)]
+            if len(reads) > own:
+                found.append(f"{filename}:{reads[0].lineno}: {name}")
+    return found
 
 
 def count_sass(sass: str) -> dict:

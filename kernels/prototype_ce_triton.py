@@ -168,9 +168,11 @@ def _fwd_kernel(
         # `acc += tl.sum(x, axis=1)` into thread-local partial sums reduced after the loop
         # (TritonGPUOptimizeThreadLocality): such an accumulator must not be read inside the loop
         # nor used twice after it. Carrying <t, s - running max> (tdot + tsum * shift + ...) read
-        # tsum inside the loop, and on the H200 (triton 3.6) the loss came out 6% low at C 16384,
-        # as if tsum * shift were 0 (the interpreter, and one block per program, were right);
-        # `tdot - tsum * m_i` here fails to compile (assertion loopResult.hasOneUse()).
+        # tsum inside the loop: on the H200 (triton 3.6) the loss came out 6% low at C 16384, and
+        # the sm_90 TTGIR (triton 3.8) shows why: tsum * shift became shift * (tsum's initial
+        # zeros). The interpreter, and one block per program, were right. `tdot - tsum * m_i`
+        # here fails to compile (assertion loopResult.hasOneUse()). CI checks the source for
+        # such reads: kernel_report.thread_local_hazards.
         tdot += tl.sum(t * s2, axis=1)
         tsum += tl.sum(t, axis=1)
         m_i = m_new
