@@ -253,7 +253,7 @@ def thread_local_hazards(source: str, filename: str = "<kernel>") -> list[str]:
             reads = [n for n in ast.walk(loop) if isinstance(n, ast.Name) and n.id == name
                      and isinstance(n.ctx, ast.Load)]
             if len(reads) > own:
-                found.append(f"{filename}:{reads[0].lineno}: {name}")
+                found.append(f"{filename}:{min(n.lineno for n in reads)}: {name}")
     return found
 
 

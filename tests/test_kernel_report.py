@@ -123,6 +123,6 @@ def k(X):
 '''
     after = before.replace("tdot = tdot + tsum * shift + tl.sum(t, axis=1)", "tdot += tl.sum(t * shift, axis=1)")
     plain = before.replace("tsum += tl.sum(t, axis=1)", "tsum = tsum + tl.sum(t, axis=1)")
-    assert kernel_report.thread_local_hazards(before) == ["<kernel>:10: tsum"]
-    assert kernel_report.thread_local_hazards(plain) == ["<kernel>:10: tsum"]
+    assert kernel_report.thread_local_hazards(before) == ["<kernel>:9: tsum"]
+    assert kernel_report.thread_local_hazards(plain) == ["<kernel>:9: tsum"]
     assert kernel_report.thread_local_hazards(after) == []
