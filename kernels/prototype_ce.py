@@ -30,14 +30,13 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 # ----------------------------------------------------------------------------- the custom ops
 
 
-def _on_one_device(features: Tensor, **others: Tensor | None) -> None:
-    """The ops called directly (the public function checks more): every tensor on features'
-    device, else a ValueError naming it (a CPU tensor would otherwise reach a GPU kernel as a
-    pointer Triton cannot read)."""
-    for name, t in others.items():
-        if t is not None and t.device != features.device:
-            raise ValueError(f"prototype_cross_entropy: {name} is on {t.device}, features on {features.device}: "
-                             "every tensor must be on one device")
+def _on_one_device(**named: Tensor | None) -> None:
+    """Every tensor given (None skipped) on one device, else a ValueError naming where each is:
+    the public function's check and the ops' own (called directly, a CPU tensor would otherwise
+    reach a GPU kernel as a pointer Triton cannot read)."""
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("device mismatch: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 
 @torch.library.custom_op("stellar::prototype_ce_fwd", mutates_args=())
@@ -47,7 +46,7 @@ def _prototype_ce_fwd(
     """(loss fp32 [], stats fp32 [3, M]: per row the log-sum-exp in two parts and the target sum)."""
     from .prototype_ce_triton import prototype_ce_forward
 
-    _on_one_device(features, prototypes=prototypes, targets=targets, target_index=target_index)
+    _on_one_device(features=features, prototypes=prototypes, targets=targets, target_index=target_index)
 
     return prototype_ce_forward(features, prototypes, targets, target_index, temperature)
 
@@ -67,8 +66,8 @@ def _prototype_ce_bwd(
     """(d_features [M, K] or [0], d_prototypes [C, K] or [0]): only the gradients asked for run."""
     from .prototype_ce_triton import prototype_ce_backward
 
-    _on_one_device(features, grad=grad, prototypes=prototypes, targets=targets, target_index=target_index,
-                   stats=stats)
+    _on_one_device(features=features, grad=grad, prototypes=prototypes, targets=targets,
+                   target_index=target_index, stats=stats)
 
     return prototype_ce_backward(grad, features, prototypes, targets, target_index, stats, temperature,
                                  need_features, need_prototypes)
@@ -193,7 +192,6 @@ def _check_inputs(features, prototypes, targets, temperature, target_index) -> N
         raise ValueError(f"width mismatch: prototypes has K={prototypes.shape[1]}, features has K={K}")
     if targets.shape[1] != C:
         raise ValueError(f"targets must have C={C} columns (one per prototype), got shape {tuple(targets.shape)}")
-    devices = {"features": features.device, "prototypes": prototypes.device, "targets": targets.device}
     if target_index is not None:
         if not isinstance(target_index, Tensor):
             raise TypeError(f"target_index must be an integer Tensor[M] or None, got {type(target_index).__name__}")
@@ -202,12 +200,10 @@ def _check_inputs(features, prototypes, targets, temperature, target_index) -> N
         if target_index.shape != (M,):
             raise ValueError(f"target_index must have shape [M={M}] (one target row per feature row), "
                              f"got {tuple(target_index.shape)}")
-        devices["target_index"] = target_index.device
     elif targets.shape[0] != M:
         raise ValueError(f"targets has T={targets.shape[0]} rows but features has M={M}: pass target_index "
                          "(row m uses targets[target_index[m]]) or one target row per feature row")
-    if len(set(devices.values())) > 1:
-        raise ValueError("device mismatch: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    _on_one_device(features=features, prototypes=prototypes, targets=targets, target_index=target_index)
     if isinstance(temperature, Tensor) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
